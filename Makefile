@@ -1,0 +1,65 @@
+# One venv, two commands: `make serve` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DATA ?= ../shared/datasets/flower_photos
+RUN ?= runs/flowers-xxs-128
+MODEL ?= models/flowers-mobilevit-xxs
+
+.PHONY: serve test test-slow lint format train export evaluate bench bench-serve install install-dev clean
+
+# Serving extras only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow).
+$(VENV)/.serve: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Training, export and test tools on top (TensorFlow, Keras, pytest, ruff, ...).
+$(VENV)/.dev: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.serve
+
+install: $(VENV)/.serve
+install-dev: $(VENV)/.dev
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -m slow
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+format: $(VENV)/.dev
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+train: $(VENV)/.dev
+	$(PY) -m training.train --data $(DATA) --run-dir $(RUN)
+
+export: $(VENV)/.dev
+	$(PY) -m training.export $(RUN) --out $(MODEL) --overwrite
+
+evaluate: $(VENV)/.dev
+	$(PY) -m training.evaluate $(MODEL) $(DATA) --format tflite
+
+bench: $(VENV)/.dev
+	$(PY) -m bench.inference --model $(MODEL)
+	$(PY) -m bench.serve --model $(MODEL)
+	$(PY) -m bench.train_speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

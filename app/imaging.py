@@ -1,0 +1,158 @@
+"""Image decoding and the resize rule: the one preprocessing contract.
+
+Training (evaluation transform), export (parity checks) and serving all call `load_rgb` and
+`resize_for_model`, so what the model sees at training time is what it sees when served.
+Only Pillow and numpy: the serving image needs neither TensorFlow nor Keras.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Signatures of common non-image uploads, so they get 415 (wrong type) rather than 400 (broken).
+_FOREIGN_SIGNATURES = (b"%PDF", b"PK\x03\x04", b"<?xml", b"<svg", b"\x7fELF", b"MZ", b"\x1f\x8b")
+
+#: The resize rule recorded in model.json as `preprocessing`; `resize_for_model` implements it.
+RESIZE_RULE = {
+    "resize": "shorter_side",
+    "interpolation": "bilinear",
+    "crop": "center",
+    "crop_fraction": 1.0,
+    "color": "RGB",
+    "exif_transpose": True,
+    "jpeg_draft": True,
+    "input_range": [0, 255],
+}
+
+
+class ImageError(ValueError):
+    """Base class of every decode failure; `status` is the HTTP code it maps to."""
+
+    status = 400
+
+
+class UndecodableImage(ImageError):
+    status = 400
+
+
+class UnsupportedImageType(ImageError):
+    status = 415
+
+
+class ImageTooLarge(ImageError):
+    status = 413
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = 30_000
+
+
+def _looks_foreign(data: bytes) -> bool:
+    head = data[:512].lstrip()
+    return head.startswith(_FOREIGN_SIGNATURES) or b"<svg" in head[:256].lower()
+
+
+def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Open from the header only and refuse before any pixel is decoded."""
+    if not data:
+        raise UndecodableImage("empty image data")
+    with warnings.catch_warnings():
+        # Pillow's own bomb check warns; make it an error we map to 413.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
+        except UnidentifiedImageError:
+            if _looks_foreign(data) or _identifies_as_other_format(data):
+                raise UnsupportedImageType(
+                    f"unsupported image type; accepted: {', '.join(ACCEPTED_FORMATS)}"
+                ) from None
+            raise UndecodableImage("cannot identify image data") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
+            raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise UndecodableImage("image has no pixels")
+    if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; limit is {limits.max_pixels}"
+        )
+    return image
+
+
+def _identifies_as_other_format(data: bytes) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(data))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def load_rgb(data: bytes, target_size: int | None = None, limits: DecodeLimits | None = None) -> Image.Image:
+    """Decode bytes into an upright RGB image, first frame only.
+
+    With `target_size`, large JPEGs are decoded at a reduced scale (Pillow `draft`) that still
+    leaves the shorter side at least `target_size`, which is much cheaper than a full decode.
+    """
+    limits = limits or DecodeLimits()
+    image = _open_checked(data, limits)
+    try:
+        if target_size and image.format == "JPEG":
+            image.draft("RGB", (target_size, target_size))
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data fails in many ways
+        raise UndecodableImage(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float grayscale: scale to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 255 else 255.0
+        array = np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)  # uint8 2-D: mode L
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def resize_for_model(image: Image.Image, size: int) -> np.ndarray:
+    """Apply RESIZE_RULE: shorter side to `size` (bilinear), then a centred size x size crop."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    # Map the crop box back to source coordinates so Pillow crops and resizes in one pass.
+    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def preprocess_bytes(data: bytes, size: int, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Bytes to the model's input: uint8 [size, size, 3]."""
+    return resize_for_model(load_rgb(data, target_size=size, limits=limits), size)
+
+
+def preprocess_file(path: str, size: int) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return preprocess_bytes(handle.read(), size)

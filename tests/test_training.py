@@ -1,0 +1,136 @@
+"""Data pipeline, the training command line end to end, evaluation and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import COLOURS, write_photo_folder
+from training.data import (
+    Augment,
+    DataError,
+    PhotoBatches,
+    load_folder,
+    scan_folder,
+    stratified_split,
+)
+from training.report import classification_metrics
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    labels = np.repeat([0, 1, 2], [40, 25, 10])
+    train, val = stratified_split(labels, 0.2, seed=7)
+    again_train, again_val = stratified_split(labels, 0.2, seed=7)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(val, again_val)
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == len(labels)
+    assert [int(np.sum(labels[val] == c)) for c in range(3)] == [8, 5, 2]
+
+
+def test_corrupt_files_are_skipped_with_a_warning(tmp_path, caplog):
+    write_photo_folder(tmp_path, per_class=2)
+    (tmp_path / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "red" / "notes.txt").write_text("hello")
+    dataset = load_folder(tmp_path)
+    assert len(dataset.images) == 6
+    assert "broken.jpg" in caplog.text and "notes.txt" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "not found"),
+        ({"only": 2}, "at least two class"),
+        ({"a": 2, "b": 0}, "is empty"),
+    ],
+)
+def test_bad_folders_stop_with_clear_messages(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout:
+        for name, count in layout.items():
+            (root / name).mkdir(parents=True)
+            for i in range(count):
+                (root / name / f"{i}.png").write_bytes(b"")
+    with pytest.raises(DataError, match=message):
+        scan_folder(root)
+
+
+def test_class_without_readable_images_is_refused(tmp_path):
+    write_photo_folder(tmp_path, per_class=2)
+    for path in (tmp_path / "blue").iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="no readable image"):
+        load_folder(tmp_path)
+
+
+def test_batches_are_augmented_float_pixels_with_one_hot_labels(photo_dir):
+    dataset = load_folder(photo_dir)
+    batches = PhotoBatches(dataset, 8, Augment(48), seed=0)
+    x, y = batches[0]
+    assert x.shape == (8, 48, 48, 3) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 255
+    assert y.shape == (8, len(COLOURS))
+    np.testing.assert_array_equal(y.sum(axis=1), 1)
+    first = batches[0][0]
+    batches.on_epoch_end()
+    assert not np.array_equal(first, batches[0][0])  # reshuffled, new crops
+
+
+def test_metrics_per_class_and_confusion():
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
+    assert m["top1"] == 0.75
+    assert m["confusion_matrix"] == [[1, 1], [0, 2]]
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
+
+
+def test_training_run_beats_chance_and_writes_its_report(tiny_run):
+    """The fast end-to-end test: a tiny MobileViT learns two+ visibly different classes."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["validation"]["top1"] > 0.6  # chance is 1/3
+    for name in ("best.keras", "last.keras", "log.csv", "split.json", "curves.png",
+                 "confusion.png", "config.json"):  # fmt: skip
+        assert (tiny_run / name).is_file(), name
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+    assert report["parameters"] > 0 and report["train_images_per_s"] > 0
+
+
+def test_evaluate_command_on_a_labelled_folder(tiny_run, photo_dir, tmp_path, capsys):
+    from training.evaluate import main
+
+    out = tmp_path / "eval"
+    assert main([str(tiny_run), str(photo_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "confusion matrix" in printed
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["num_images"] == 48 and (out / "confusion.png").is_file()
+
+
+def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):
+    from training.train import main
+
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run)]
+    args = ["--data", str(photo_dir), "--image-size", "64", "--epochs", "1", "--batch-size", "16",
+            "--limit-per-class", "8", "--no-jit-compile", "--no-ema"]  # fmt: skip
+    assert main(common + args) == 0
+    # A finished run refuses to be overwritten and resumes as a no-op at the same epoch.
+    assert main(common + args) == 2
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 2  # as if the run had been planned longer and was interrupted
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(common + ["--resume"]) == 0
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["0", "1"]  # epoch 2 appended, not redone
+    assert main(common + ["--resume"]) == 0  # finished: nothing more to train
+    assert len((run / "log.csv").read_text().strip().splitlines()) == 3
+
+
+def test_missing_data_folder_is_a_clear_cli_error(tmp_path, capsys):
+    from training.train import main
+
+    assert main(["--data", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "data folder not found" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""Evaluate a trained model on any folder of labelled photos (one sub-folder per class).
+
+    python -m training.evaluate runs/flowers ../my_photos            # Keras (best.keras)
+    python -m training.evaluate models/flowers-mobilevit-xxs ../my_photos --format tflite
+
+Photos go through the serving preprocessing (`app.imaging.preprocess_file`). Prints top-1,
+per-class precision/recall and the confusion matrix; writes evaluation.json and confusion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from app.imaging import ImageError, preprocess_file  # noqa: E402
+from training.data import DataError, scan_folder  # noqa: E402
+from training.report import classification_metrics, format_metrics, plot_confusion  # noqa: E402
+
+log = logging.getLogger("training.evaluate")
+
+
+def load_predictor(source: Path, fmt: str, artifact: str | None):
+    """(predict function, labels, input size) for a run dir, a .keras file or a model dir."""
+    if (source / "model.json").is_file():
+        from app.artifacts import load_model_card
+        from app.backends import open_backend
+
+        card = load_model_card(source)
+        chosen = card.artifact("tflite" if fmt == "keras" else fmt, artifact)
+        backend = open_backend(chosen.format, source / chosen.file)
+        return backend.predict, card.labels, card.input.height
+    import keras
+
+    model_file = source / "best.keras" if source.is_dir() else source
+    if not model_file.is_file():
+        raise DataError(f"{source} is not a run directory, a .keras file or a model directory")
+    model = keras.models.load_model(model_file)
+    labels = None
+    for meta in ("split.json", "report.json"):
+        if source.is_dir() and (source / meta).is_file():
+            labels = json.loads((source / meta).read_text()).get("class_names")
+            break
+    if labels is None:
+        raise DataError(f"cannot tell {model_file}'s class names: no split.json next to it")
+    return (lambda x: model.predict_on_batch(x.astype(np.float32))), labels, model.input_shape[1]
+
+
+def evaluate(source: Path, data_dir: Path, fmt: str = "keras", artifact: str | None = None,
+             batch_size: int = 32) -> dict:  # fmt: skip
+    predict, labels, size = load_predictor(source, fmt, artifact)
+    paths, folder_labels, class_names = scan_folder(data_dir)
+    unknown = sorted(set(class_names) - set(labels))
+    if unknown:
+        raise DataError(f"class folders {unknown} are not among the model's labels {labels}")
+    to_model = [labels.index(name) for name in class_names]
+    images, truth = [], []
+    for rel, label in zip(paths, folder_labels):
+        try:
+            images.append(preprocess_file(str(data_dir / rel), size))
+            truth.append(to_model[label])
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s: %s", data_dir / rel, exc)
+    if not images:
+        raise DataError(f"no readable photos under {data_dir}")
+    x = np.stack(images)
+    probs = np.concatenate([predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return classification_metrics(np.asarray(truth), probs.argmax(axis=1), labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("model", type=Path, help="run directory, .keras file or exported model directory")
+    p.add_argument("data", type=Path, help="folder with one sub-folder of photos per class")
+    p.add_argument("--format", default="keras", choices=["keras", "tflite", "savedmodel"],
+                   help="for a model directory: which artifact format to evaluate")
+    p.add_argument("--artifact", help="for a model directory: artifact file, e.g. model_int8.tflite")
+    p.add_argument("--out", type=Path, default=Path("evaluation"),
+                   help="folder for evaluation.json and confusion.png")
+    args = p.parse_args(argv)
+    try:
+        metrics = evaluate(args.model, args.data, args.format, args.artifact)
+    except (DataError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_metrics(metrics))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evaluation.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(metrics, args.out / "confusion.png")
+    print(f"\nwrote {args.out / 'evaluation.json'} and {args.out / 'confusion.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Export a trained model into a servable model directory, proven equal to the Keras model.
+
+    python -m training.export runs/flowers --out models/flowers-mobilevit-xxs
+
+Writes saved_model/ (Keras `model.export`), model.tflite (float32), model_fp16.tflite,
+model_dynamic.tflite (dynamic-range) and model_int8.tflite (full integer, uint8 input), and
+model.json. Everything is written to a temporary folder and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from app.artifacts import ModelCard, describe_artifact, write_card  # noqa: E402
+from app.backends import SavedModelBackend, TFLiteBackend, check_shapes  # noqa: E402
+from app.imaging import RESIZE_RULE, preprocess_file  # noqa: E402
+
+log = logging.getLogger("training.export")
+
+FLOAT_TOLERANCE = 1e-4  # max |p_tflite - p_keras| for float artifacts
+MIN_AGREEMENT = 0.98  # quantized top-1 must agree with Keras on this share of photos
+MAX_ACCURACY_LOSS = 0.01
+
+# file, quantization: one row per TFLite variant.
+TFLITE_VARIANTS = {
+    "float32": "model.tflite",
+    "float16": "model_fp16.tflite",
+    "dynamic_range": "model_dynamic.tflite",
+    "int8": "model_int8.tflite",
+}
+
+
+class ExportError(RuntimeError):
+    """A problem the user must fix; printed without a traceback."""
+
+
+@dataclass
+class Photos:
+    """Preprocessed photos (uint8 [N, H, W, 3]) with labels, for parity and calibration."""
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+
+
+def convert_tflite(saved_model_dir: Path, quantization: str, calibration: np.ndarray) -> bytes:
+    """Convert with TFLite built-in ops only: the LiteRT wheel has no Flex delegate."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "dynamic_range":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantization == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # pixels are uint8 already: scale 1, zero 0
+
+        def representative():
+            for image in calibration:
+                yield [image[None].astype(np.float32)]
+
+        converter.representative_dataset = representative
+    elif quantization != "float32":
+        raise ExportError(f"unknown quantization {quantization!r}")
+    try:
+        return converter.convert()
+    except Exception as exc:  # noqa: BLE001 - the converter raises ConverterError and others
+        raise ExportError(f"TFLite conversion ({quantization}) failed: {exc}") from None
+
+
+def _timed_predict(fn, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, float]:
+    """Probabilities over all images plus the median batch-1 latency in ms."""
+    probs = np.concatenate([fn(images[i : i + batch]) for i in range(0, len(images), batch)])
+    times = []
+    for image in images[: min(20, len(images))]:
+        start = time.perf_counter()
+        fn(image[None])
+        times.append(time.perf_counter() - start)
+    return probs, 1000 * float(np.median(times))
+
+
+def _score(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict:
+    result = {
+        "max_abs_diff": float(np.abs(probs - reference).max()),
+        "agreement_with_keras": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+    }
+    if labels is not None:
+        result["validation_top1"] = float(np.mean(probs.argmax(1) == labels))
+    return result
+
+
+def export_model(
+    model: keras.Model,
+    out_dir: str | Path,
+    *,
+    labels: list[str],
+    name: str,
+    version: str = "1.0.0",
+    variant: str = "unknown",
+    calibration: np.ndarray,
+    validation: Photos,
+    quantizations: tuple[str, ...] = tuple(TFLITE_VARIANTS),
+    training_info: dict | None = None,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+    threads: int = 2,
+) -> tuple[ModelCard, list[dict]]:
+    """Write a model directory; returns its card and one table row per artifact."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it")
+    height, width = model.input_shape[1:3]
+    if len(labels) != model.output_shape[-1]:
+        raise ExportError(f"{len(labels)} labels for a model with {model.output_shape[-1]} outputs")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        rows, artifacts = _write_artifacts(
+            model, tmp, calibration, validation, quantizations, threads, len(labels)
+        )
+        float_tflite = next(r for r in rows if r["file"] == TFLITE_VARIANTS["float32"])
+        faster = [r for r in rows if r["format"] == "tflite" and r["parity_ok"]]
+        default_tflite = min(faster, key=lambda r: r["latency_ms"])["file"] if faster else None
+        card = ModelCard(
+            name=name,
+            version=version,
+            variant=variant,
+            parameters=int(model.count_params()),
+            labels=list(labels),
+            input={"height": int(height), "width": int(width)},
+            preprocessing=dict(RESIZE_RULE),
+            training=training_info or {},
+            metrics={**(metrics or {}), "artifacts": {r["file"]: _public(r) for r in rows}},
+            artifacts=artifacts,
+            default_artifacts={
+                "tflite": default_tflite or float_tflite["file"],
+                "savedmodel": "saved_model",
+            },
+            versions=_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_card(tmp, card)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return card, rows
+
+
+def _public(row: dict) -> dict:
+    return {k: row[k] for k in row if k not in ("file",)}
+
+
+def _write_artifacts(model, tmp, calibration, validation, quantizations, threads, num_labels):
+    height, width = model.input_shape[1:3]
+    images = validation.images.astype(np.float32)
+    reference, keras_ms = _timed_predict(lambda x: model.predict_on_batch(x), images)
+    rows = [{
+        "file": "(keras)", "format": "keras", "quantization": "float32", "bytes": 0,
+        "latency_ms": keras_ms, "parity_ok": True,
+        **_score(reference, reference, validation.labels),
+    }]  # fmt: skip
+    artifacts = []
+
+    model.export(str(tmp / "saved_model"), format="tf_saved_model", verbose=False)
+    saved = SavedModelBackend(tmp / "saved_model")
+    check_shapes(saved, height, width, num_labels, tmp / "saved_model")
+    rows.append(_evaluate("saved_model", "savedmodel", "float32", saved, images, reference,
+                          validation.labels, tmp))
+
+    for quantization in quantizations:
+        file = TFLITE_VARIANTS[quantization]
+        (tmp / file).write_bytes(convert_tflite(tmp / "saved_model", quantization, calibration))
+        backend = TFLiteBackend(tmp / file, num_threads=threads)
+        foreign = {op for op in backend.op_names() if op.startswith("Flex") or op == "CUSTOM"}
+        if foreign:
+            raise ExportError(f"{file} needs ops LiteRT cannot run: {sorted(foreign)}")
+        check_shapes(backend, height, width, num_labels, tmp / file)
+        if backend.input_shape[0] != -1:
+            raise ExportError(f"{file} has a fixed batch size {backend.input_shape[0]}")
+        rows.append(_evaluate(file, "tflite", quantization, backend, images, reference,
+                              validation.labels, tmp))
+
+    for row in rows[1:]:
+        extra = {k: row[k] for k in ("validation_top1", "agreement_with_keras", "max_abs_diff")
+                 if k in row}
+        artifacts.append(describe_artifact(tmp, row["file"], row["format"], row["quantization"],
+                                           **extra))
+    bad_float = [r["file"] for r in rows if r["quantization"] == "float32" and not r["parity_ok"]]
+    if bad_float:
+        raise ExportError(f"float artifacts differ from Keras by more than {FLOAT_TOLERANCE}: "
+                          f"{bad_float}")
+    return rows, artifacts
+
+
+def _evaluate(file, fmt, quantization, backend, images, reference, labels, tmp) -> dict:
+    probs, latency = _timed_predict(backend.predict, images)
+    row = {"file": file, "format": fmt, "quantization": quantization, "latency_ms": latency,
+           **_score(probs, reference, labels)}  # fmt: skip
+    from app.artifacts import size_of
+
+    row["bytes"] = size_of(tmp / file)
+    if quantization == "float32":
+        row["parity_ok"] = row["max_abs_diff"] <= FLOAT_TOLERANCE
+    else:
+        keras_top1 = float(np.mean(reference.argmax(1) == labels)) if labels is not None else None
+        loss_ok = keras_top1 is None or keras_top1 - row["validation_top1"] <= MAX_ACCURACY_LOSS
+        row["parity_ok"] = bool(row["agreement_with_keras"] >= MIN_AGREEMENT and loss_ok)
+    return row
+
+
+def _versions() -> dict[str, str]:
+    import tensorflow as tf
+
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'artifact':<22}{'quant':<15}{'size MB':>9}{'val top-1':>11}{'agree':>8}" \
+             f"{'max|dp|':>10}{'ms/img':>8}  parity"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        top1 = f"{r['validation_top1']:.2%}" if "validation_top1" in r else "-"
+        lines.append(
+            f"{r['file']:<22}{r['quantization']:<15}{r['bytes'] / 1e6:>9.2f}{top1:>11}"
+            f"{r['agreement_with_keras']:>8.2%}{r['max_abs_diff']:>10.2e}{r['latency_ms']:>8.2f}"
+            f"  {'ok' if r['parity_ok'] else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
+def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
+    """A run directory (best.keras inside) or a .keras file -> (model file, run dir or None)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "best.keras").is_file():
+            return path / "best.keras", path
+        raise ExportError(f"{path} is not a run directory: no best.keras inside")
+    if path.is_file() and path.suffix == ".keras":
+        return path, None
+    raise ExportError(f"{path} is neither a run directory nor a .keras file")
+
+
+def resize_model(model: keras.Model, image_size: int, variant: str) -> keras.Model:
+    """The same weights at another input size (MobileViT has no positional embeddings)."""
+    from training.model import build_model
+
+    if image_size % 32:
+        raise ExportError(f"--image-size must be a multiple of 32, got {image_size}")
+    if model.input_shape[1] == image_size:
+        return model
+    resized = build_model(variant, model.output_shape[-1], image_size)
+    resized.set_weights(model.get_weights())
+    return resized
+
+
+def _photos(root: Path, files: list[str], labels: list[int] | None, size: int) -> Photos:
+    images = np.stack([preprocess_file(str(root / f), size) for f in files])
+    return Photos(images, None if labels is None else np.asarray(labels))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="run directory (with best.keras) or a .keras file")
+    p.add_argument("--out", required=True, help="model directory to create, e.g. models/flowers")
+    p.add_argument("--name", help="model name (default: the --out folder name)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--image-size", type=int, help="export at another input size (multiple of 32)")
+    p.add_argument("--data", help="labelled photo folder for parity checks (default: the run's)")
+    p.add_argument("--calibration-images", type=int, default=200)
+    p.add_argument("--quantizations", default=",".join(TFLITE_VARIANTS),
+                   help=f"comma-separated subset of {','.join(TFLITE_VARIANTS)} (float32 required)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        card, rows = run_export(args)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    print(f"\nwrote {args.out} (default tflite artifact: {card.default_artifacts['tflite']})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
+    quantizations = tuple(q for q in args.quantizations.split(",") if q)
+    unknown = set(quantizations) - set(TFLITE_VARIANTS)
+    if unknown or "float32" not in quantizations:
+        raise ExportError(f"--quantizations must include float32 and only {list(TFLITE_VARIANTS)}")
+    if args.image_size is not None and args.image_size % 32:
+        raise ExportError(f"--image-size must be a multiple of 32, got {args.image_size}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ExportError(f"{args.out} already exists; pass --overwrite to replace it")
+    model_file, run_dir = resolve_model(args.model)
+    try:
+        model = keras.models.load_model(model_file)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"{model_file} is not a loadable Keras model: {exc}") from None
+    report = json.loads((run_dir / "report.json").read_text()) if run_dir else {}
+    variant = report.get("variant", model.name.removeprefix("mobilevit_"))
+    if args.image_size:
+        model = resize_model(model, args.image_size, variant)
+    size = model.input_shape[1]
+    split = json.loads((run_dir / "split.json").read_text()) if run_dir else None
+    labels = (split or report).get("class_names")
+    root = Path(args.data or (split or {}).get("root", ""))
+    if not labels or not root.is_dir():
+        raise ExportError("need the run's split.json or --data with one folder per class")
+    if split and not args.data:
+        val_files = split["val"]
+        train_files = split["train"]
+    else:
+        from training.data import scan_folder
+
+        train_files, _, _ = scan_folder(root)
+        val_files = train_files
+    index = {name: i for i, name in enumerate(labels)}
+    val_labels = [index[Path(f).parts[0]] for f in val_files]
+    rng = np.random.default_rng(0)
+    calib_files = list(rng.choice(train_files, min(args.calibration_images, len(train_files)),
+                                  replace=False))
+    log.info("parity on %d validation photos, calibration on %d training photos at %d px",
+             len(val_files), len(calib_files), size)
+    training_info = {
+        "data": report.get("data"),
+        "train_images": report.get("train_images"),
+        "val_images": report.get("val_images"),
+        "epochs": report.get("epochs_completed"),
+        "best_epoch": report.get("best_epoch"),
+        "trained_image_size": report.get("image_size"),
+        "wall_time_s": report.get("wall_time_s"),
+        "recipe": report.get("recipe"),
+    }
+    metrics = {"validation_top1": report.get("validation", {}).get("top1"),
+               "validation": report.get("validation")}
+    return export_model(
+        model,
+        args.out,
+        labels=labels,
+        name=args.name or Path(args.out).name,
+        version=args.version,
+        variant=variant,
+        calibration=_photos(root, calib_files, None, size).images,
+        validation=_photos(root, val_files, val_labels, size),
+        quantizations=quantizations,
+        training_info=training_info,
+        metrics=metrics,
+        overwrite=args.overwrite,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

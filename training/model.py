@@ -1,0 +1,221 @@
+"""MobileViT v1 (Mehta & Rastegari, ICLR 2022) as defined by apple/ml-cvnets, in pure Keras 3 ops.
+
+Variants are rows of `VARIANTS`, all built by `build_model`. The only custom layers are the
+weight-free patch operations (`Unfold`, `Fold`, `ResizeTo`); everything with weights is a stock
+Keras layer, so `.keras` files, SavedModel export and TFLite conversion need no special handling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers, ops
+
+PATCH_SIZE = 2
+NUM_HEADS = 4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the paper's architecture table (Table 4, ml-cvnets `mobilevit.py` config)."""
+
+    stem: int
+    expansion: int
+    channels: tuple[int, int, int, int, int]  # outputs of layer1..layer5
+    dims: tuple[int, int, int]  # transformer width d of layer3..layer5
+    depths: tuple[int, int, int]  # transformer layers L of layer3..layer5
+    last: int  # final 1x1 conv width
+    dropout: float  # classifier dropout
+
+
+VARIANTS: dict[str, Variant] = {
+    "xxs": Variant(16, 2, (16, 24, 48, 64, 80), (64, 80, 96), (2, 4, 3), 320, 0.1),
+    "xs": Variant(16, 4, (32, 48, 64, 80, 96), (96, 120, 144), (2, 4, 3), 384, 0.1),
+    "s": Variant(16, 4, (32, 64, 96, 128, 160), (144, 192, 240), (2, 4, 3), 640, 0.1),
+}
+
+
+@keras.saving.register_keras_serializable(package="mobilevit")
+class Unfold(layers.Layer):
+    """Split a feature map into non-overlapping p x p patches, one sequence per pixel position.
+
+    [B, H, W, C] -> [B*p*p, N, C] with N = (H/p)*(W/p): attention then runs across the N patches,
+    separately for each of the p*p positions inside a patch (the paper's unfold).
+    """
+
+    def __init__(self, patch_size: int = PATCH_SIZE, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+
+    def call(self, x):
+        _, height, width, channels = x.shape
+        p = self.patch_size
+        _check_divisible(height, width, p, self.name)
+        nh, nw = height // p, width // p
+        x = ops.reshape(x, (-1, p, nw, p * channels))  # [B, H, W, C] -> [B*nh, p, nw, p*C]
+        x = ops.transpose(x, (0, 2, 1, 3))  # -> [B*nh, nw, p(row), p(col)*C]
+        x = ops.reshape(x, (-1, nh * nw, p * p, channels))  # -> [B, N, p*p, C]
+        x = ops.transpose(x, (0, 2, 1, 3))  # -> [B, p*p, N, C]
+        return ops.reshape(x, (-1, nh * nw, channels))  # -> [B*p*p, N, C]
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        p = self.patch_size
+        batch = None if batch is None else batch * p * p
+        return (batch, (height // p) * (width // p), channels)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size}
+
+
+@keras.saving.register_keras_serializable(package="mobilevit")
+class Fold(layers.Layer):
+    """Exact inverse of `Unfold`: [B*p*p, N, C] -> [B, H, W, C]."""
+
+    def __init__(self, height: int, width: int, patch_size: int = PATCH_SIZE, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width, self.patch_size = height, width, patch_size
+
+    def call(self, x):
+        channels = x.shape[-1]
+        p = self.patch_size
+        _check_divisible(self.height, self.width, p, self.name)
+        nh, nw = self.height // p, self.width // p
+        x = ops.reshape(x, (-1, p * p, nh * nw, channels))  # [B*p*p, N, C] -> [B, p*p, N, C]
+        x = ops.transpose(x, (0, 2, 1, 3))  # -> [B, N, p*p, C]
+        x = ops.reshape(x, (-1, nw, p, p * channels))  # -> [B*nh, nw, p(row), p(col)*C]
+        x = ops.transpose(x, (0, 2, 1, 3))  # -> [B*nh, p, nw, p*C]
+        return ops.reshape(x, (-1, self.height, self.width, channels))  # -> [B, H, W, C]
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[0]
+        p = self.patch_size
+        batch = None if batch is None else batch // (p * p)
+        return (batch, self.height, self.width, input_shape[-1])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "height": self.height,
+            "width": self.width,
+            "patch_size": self.patch_size,
+        }
+
+
+@keras.saving.register_keras_serializable(package="mobilevit")
+class ResizeTo(layers.Layer):
+    """Bilinear resize to a fixed size: ml-cvnets' fix for maps not divisible by the patch."""
+
+    def __init__(self, height: int, width: int, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width = height, width
+
+    def call(self, x):
+        return ops.image.resize(x, (self.height, self.width), interpolation="bilinear")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
+def _check_divisible(height, width, patch, name):
+    if height is None or width is None:
+        raise ValueError(f"{name}: MobileViT needs a static input size, got {height}x{width}")
+    if height % patch or width % patch:
+        raise ValueError(f"{name}: feature map {height}x{width} is not divisible by patch {patch}")
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int = 1, act: bool = True, name: str = ""):
+    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}bn")(x)
+    return layers.Activation("silu", name=f"{name}act")(x) if act else x
+
+
+def _inverted_residual(x, filters: int, stride: int, expansion: int, name: str):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual if shapes match."""
+    inputs = x
+    hidden = x.shape[-1] * expansion
+    x = _conv_bn(x, hidden, 1, name=f"{name}expand_")
+    x = layers.DepthwiseConv2D(3, stride, padding="same", use_bias=False, name=f"{name}dw_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}dw_bn")(x)
+    x = layers.Activation("silu", name=f"{name}dw_act")(x)
+    x = _conv_bn(x, filters, 1, act=False, name=f"{name}project_")
+    if stride == 1 and inputs.shape[-1] == filters:
+        x = layers.Add(name=f"{name}add")([inputs, x])
+    return x
+
+
+def _transformer(x, dim: int, depth: int, dropout: float, name: str):
+    """Pre-norm encoder layers (4 heads, FFN 2d with SiLU), then the final LayerNorm."""
+    for i in range(depth):
+        prefix = f"{name}layer{i}_"
+        y = layers.LayerNormalization(epsilon=1e-5, name=f"{prefix}attn_norm")(x)
+        y = layers.MultiHeadAttention(
+            NUM_HEADS, dim // NUM_HEADS, dropout=0.0, name=f"{prefix}attn"
+        )(y, y)
+        y = layers.Dropout(dropout, name=f"{prefix}attn_drop")(y)
+        x = layers.Add(name=f"{prefix}attn_add")([x, y])
+        y = layers.LayerNormalization(epsilon=1e-5, name=f"{prefix}ffn_norm")(x)
+        y = layers.Dense(2 * dim, activation="silu", name=f"{prefix}ffn_in")(y)
+        y = layers.Dense(dim, name=f"{prefix}ffn_out")(y)
+        y = layers.Dropout(dropout, name=f"{prefix}ffn_drop")(y)
+        x = layers.Add(name=f"{prefix}ffn_add")([x, y])
+    return layers.LayerNormalization(epsilon=1e-5, name=f"{name}norm")(x)
+
+
+def _mobilevit_block(x, dim: int, depth: int, dropout: float, name: str):
+    """Local 3x3 conv, 1x1 to d, global attention over unfolded patches, fold, fuse with input."""
+    inputs = x
+    channels = x.shape[-1]
+    x = _conv_bn(x, channels, 3, name=f"{name}local_")
+    x = layers.Conv2D(dim, 1, use_bias=False, name=f"{name}to_d")(x)  # no norm, no activation
+    height, width = x.shape[1], x.shape[2]
+    aligned_h = -(-height // PATCH_SIZE) * PATCH_SIZE
+    aligned_w = -(-width // PATCH_SIZE) * PATCH_SIZE
+    if (aligned_h, aligned_w) != (height, width):
+        x = ResizeTo(aligned_h, aligned_w, name=f"{name}align")(x)
+    x = Unfold(PATCH_SIZE, name=f"{name}unfold")(x)  # [B, H, W, d] -> [B*4, N, d]
+    x = _transformer(x, dim, depth, dropout, name=f"{name}transformer_")
+    x = Fold(aligned_h, aligned_w, PATCH_SIZE, name=f"{name}fold")(x)  # -> [B, H, W, d]
+    if (aligned_h, aligned_w) != (height, width):
+        x = ResizeTo(height, width, name=f"{name}unalign")(x)
+    x = _conv_bn(x, channels, 1, name=f"{name}proj_")
+    x = layers.Concatenate(name=f"{name}concat")([inputs, x])
+    return _conv_bn(x, channels, 3, name=f"{name}fusion_")
+
+
+def build_model(
+    variant: str = "xxs",
+    num_classes: int = 1000,
+    image_size: int = 256,
+    transformer_dropout: float = 0.0,
+) -> keras.Model:
+    """MobileViT taking RGB pixels in 0..255 ([N, S, S, 3]) and returning class probabilities."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if image_size < 64 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    cfg = VARIANTS[variant]
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = _conv_bn(x, cfg.stem, 3, stride=2, name="stem_")
+    x = _inverted_residual(x, cfg.channels[0], 1, cfg.expansion, name="layer1_0_")
+    for i, stride in enumerate((2, 1, 1)):
+        x = _inverted_residual(x, cfg.channels[1], stride, cfg.expansion, name=f"layer2_{i}_")
+    for stage in range(3):
+        name = f"layer{stage + 3}_"
+        x = _inverted_residual(x, cfg.channels[stage + 2], 2, cfg.expansion, name=f"{name}down_")
+        x = _mobilevit_block(
+            x, cfg.dims[stage], cfg.depths[stage], transformer_dropout, name=f"{name}mvit_"
+        )
+    x = _conv_bn(x, cfg.last, 1, name="last_")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(cfg.dropout, name="head_drop")(x)
+    # float32 head so probabilities stay float32 under a mixed-precision policy.
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    return keras.Model(inputs, outputs, name=f"mobilevit_{variant}")
