@@ -97,7 +97,7 @@ class ModelCard(BaseModel):
 
 
 def sha256_path(path: Path) -> str:
-    """SHA-256 of a file, or of a directory as the hash of its sorted (relative path, hash) lines."""
+    """SHA-256 of a file; for a directory, of its sorted `relative-path hash` lines."""
     if path.is_dir():
         lines = [
             f"{p.relative_to(path).as_posix()} {sha256_path(p)}\n"

@@ -6,6 +6,7 @@ lazily, so the TFLite-only install never pays for it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -26,23 +27,40 @@ class Backend(Protocol):
 
 
 class TFLiteBackend:
-    """A `.tflite` model run by the LiteRT interpreter, resized per batch (dynamic batch axis)."""
+    """A `.tflite` model run by LiteRT, with one interpreter per batch size seen.
+
+    The model has a dynamic batch axis; resizing one interpreter re-plans its memory on every
+    change of batch size, which dynamic batching causes constantly. Interpreters are cheap for a
+    model this size, so each batch size keeps its own (at most `max_interpreters`).
+    """
 
     name = "tflite"
 
-    def __init__(self, path: str | Path, num_threads: int | None = None):
+    def __init__(
+        self, path: str | Path, num_threads: int | None = None, max_interpreters: int = 16
+    ):
+        self.path = Path(path)
+        self.num_threads = num_threads
+        self.max_interpreters = max_interpreters
+        self._interpreters: dict[int, object] = {}
+        self._lock = threading.Lock()  # an interpreter is not safe to invoke concurrently
+        first = self._make(None)
+        self._input = first.get_input_details()[0]
+        self._output = first.get_output_details()[0]
+        self._interpreters[int(self._input["shape"][0])] = first
+
+    def _make(self, batch: int | None):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.path = Path(path)
         try:
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
-            self._interpreter.allocate_tensors()
-        except Exception as exc:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError variously
+            interpreter = Interpreter(model_path=str(self.path), num_threads=self.num_threads)
+            if batch is not None:
+                details = interpreter.get_input_details()[0]
+                interpreter.resize_tensor_input(details["index"], [batch, *details["shape"][1:]])
+            interpreter.allocate_tensors()
+        except Exception as exc:  # LiteRT raises ValueError/RuntimeError variously
             raise ArtifactError(f"{self.path} cannot be loaded by LiteRT: {exc}") from None
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self._batch = int(self._input["shape"][0])
-        self._lock = threading.Lock()  # one interpreter is not safe to invoke concurrently
+        return interpreter
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -58,20 +76,23 @@ class TFLiteBackend:
         return np.dtype(self._input["dtype"])
 
     def op_names(self) -> set[str]:
-        return {op["op_name"] for op in self._interpreter._get_ops_details()}
+        interpreter = next(iter(self._interpreters.values()))
+        return {op["op_name"] for op in interpreter._get_ops_details()}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
+        batch = int(images.shape[0])
         with self._lock:
-            if images.shape[0] != self._batch:
-                self._interpreter.resize_tensor_input(self._input["index"], images.shape)
-                self._interpreter.allocate_tensors()
-                self._batch = images.shape[0]
-                self._input = self._interpreter.get_input_details()[0]
-                self._output = self._interpreter.get_output_details()[0]
-            self._interpreter.set_tensor(self._input["index"], self._quantize(images))
-            self._interpreter.invoke()
-            return self._dequantize(self._interpreter.get_tensor(self._output["index"]))
+            interpreter = self._interpreters.get(batch)
+            if interpreter is None:
+                if len(self._interpreters) >= self.max_interpreters:
+                    self._interpreters.pop(next(iter(self._interpreters)))
+                interpreter = self._interpreters[batch] = self._make(batch)
+            in_index = interpreter.get_input_details()[0]["index"]
+            out_index = interpreter.get_output_details()[0]["index"]
+            interpreter.set_tensor(in_index, self._quantize(images))
+            interpreter.invoke()
+            return self._dequantize(interpreter.get_tensor(out_index))
 
     def _quantize(self, images: np.ndarray) -> np.ndarray:
         dtype = self.input_dtype
@@ -99,29 +120,28 @@ class SavedModelBackend:
         import tensorflow as tf
 
         if num_threads:
-            try:
+            # Fails once TensorFlow is initialised in this process; keep its setting then.
+            with contextlib.suppress(RuntimeError):
                 tf.config.threading.set_intra_op_parallelism_threads(num_threads)
-            except RuntimeError:
-                pass  # already initialised in this process; keep its setting
         self.path = Path(path)
         try:
             loaded = tf.saved_model.load(str(self.path))
             self._fn = loaded.signatures["serving_default"]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ArtifactError(f"{self.path} is not a loadable SavedModel: {exc}") from None
         self._loaded = loaded  # keep the object graph alive
         self._tf = tf
-        spec = list(self._fn.structured_input_signature[1].values())[0]
-        self._input_name = list(self._fn.structured_input_signature[1].keys())[0]
+        spec = next(iter(self._fn.structured_input_signature[1].values()))
+        self._input_name = next(iter(self._fn.structured_input_signature[1].keys()))
         self.input_shape = tuple(-1 if d is None else int(d) for d in spec.shape)
-        out_spec = list(self._fn.structured_outputs.values())[0]
+        out_spec = next(iter(self._fn.structured_outputs.values()))
         self.output_shape = tuple(-1 if d is None else int(d) for d in out_spec.shape)
         self.input_dtype = np.dtype(spec.dtype.as_numpy_dtype)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         batch = self._tf.constant(np.asarray(images, dtype=np.float32))
         outputs = self._fn(**{self._input_name: batch})
-        return np.asarray(list(outputs.values())[0], dtype=np.float32)
+        return np.asarray(next(iter(outputs.values())), dtype=np.float32)
 
 
 def open_backend(fmt: str, path: str | Path, num_threads: int | None = None) -> Backend:

@@ -18,7 +18,8 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000
 
 # Signatures of common non-image uploads, so they get 415 (wrong type) rather than 400 (broken).
-_FOREIGN_SIGNATURES = (b"%PDF", b"PK\x03\x04", b"<?xml", b"<svg", b"\x7fELF", b"MZ", b"\x1f\x8b")
+_BINARY_SIGNATURES = (b"%PDF", b"PK\x03\x04", b"\x7fELF", b"MZ", b"\x1f\x8b")
+_TEXT_SIGNATURES = (b"<?xml", b"<svg", b"<html", b"<!doctype")  # compared case-insensitively
 
 #: The resize rule recorded in model.json as `preprocessing`; `resize_for_model` implements it.
 RESIZE_RULE = {
@@ -58,8 +59,12 @@ class DecodeLimits:
 
 
 def _looks_foreign(data: bytes) -> bool:
-    head = data[:512].lstrip()
-    return head.startswith(_FOREIGN_SIGNATURES) or b"<svg" in head[:256].lower()
+    text = data[:512].lstrip().lower()
+    return (
+        data.startswith(_BINARY_SIGNATURES)
+        or text.startswith(_TEXT_SIGNATURES)
+        or (b"<svg" in text[:256])
+    )
 
 
 def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
@@ -79,7 +84,7 @@ def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
                     f"unsupported image type; accepted: {', '.join(ACCEPTED_FORMATS)}"
                 ) from None
             raise UndecodableImage("cannot identify image data") from None
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
+        except Exception as exc:
             raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -97,11 +102,13 @@ def _identifies_as_other_format(data: bytes) -> bool:
             warnings.simplefilter("ignore")
             Image.open(io.BytesIO(data))
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
-def load_rgb(data: bytes, target_size: int | None = None, limits: DecodeLimits | None = None) -> Image.Image:
+def load_rgb(
+    data: bytes, target_size: int | None = None, limits: DecodeLimits | None = None
+) -> Image.Image:
     """Decode bytes into an upright RGB image, first frame only.
 
     With `target_size`, large JPEGs are decoded at a reduced scale (Pillow `draft`) that still
@@ -118,7 +125,7 @@ def load_rgb(data: bytes, target_size: int | None = None, limits: DecodeLimits |
         return _to_rgb(image)
     except ImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data fails in many ways
+    except Exception as exc:
         raise UndecodableImage(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 
 

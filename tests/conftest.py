@@ -22,7 +22,7 @@ TINY_SIZE = 64
 def colour_photo(label: str, rng: np.random.Generator, size=(96, 80)) -> Image.Image:
     """A noisy photo dominated by one colour, with a random darker blob (visibly its class)."""
     base = np.array(COLOURS[label], dtype=np.float32)
-    pixels = base + rng.normal(0, 25, (size[1], size[0], 3))
+    pixels = base + rng.normal(0, 8, (size[1], size[0], 3))
     y, x = rng.integers(0, size[1] // 2), rng.integers(0, size[0] // 2)
     pixels[y : y + size[1] // 3, x : x + size[0] // 3] *= 0.6
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -41,7 +41,7 @@ def write_photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """blue/, green/, red/ folders of JPEG photos."""
-    return write_photo_folder(tmp_path_factory.mktemp("photos"), per_class=16)
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), per_class=20)
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +52,9 @@ def tiny_run(photo_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     code = main([
         "--data", str(photo_dir), "--run-dir", str(run_dir), "--image-size", str(TINY_SIZE),
-        "--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "3e-3",
-        "--val-fraction", "0.25", "--no-ema", "--no-jit-compile",
+        "--epochs", "10", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "2e-3",
+        "--val-fraction", "0.25", "--no-ema", "--no-jit-compile", "--min-scale", "0.6",
+        "--color-jitter", "0",
     ])  # fmt: skip
     assert code == 0
     return run_dir
@@ -61,7 +62,7 @@ def tiny_run(photo_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_keras_model(tiny_run) -> Path:
-    return tiny_run / "best.keras"
+    return tiny_run / "final.keras"  # what the export ships
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
 
 
 def load_folder(root: str | os.PathLike, workers: int = 4) -> Dataset:
-    """Decode every photo of a class-per-folder tree; unreadable files are skipped with a warning."""
+    """Decode every photo of a class-per-folder tree; unreadable files are skipped, warned."""
     paths, labels, class_names = scan_folder(root)
 
     def decode(rel: str) -> Image.Image | None:
@@ -94,7 +94,9 @@ def load_folder(root: str | os.PathLike, workers: int = 4) -> Dataset:
     )
 
 
-def load_tfds(name: str = "tf_flowers", split: str = "train", data_dir: str | None = None) -> Dataset:
+def load_tfds(
+    name: str = "tf_flowers", split: str = "train", data_dir: str | None = None
+) -> Dataset:
     """Load an image-classification dataset through tensorflow-datasets (downloads when online)."""
     import tensorflow_datasets as tfds  # optional: only this path needs it
 

@@ -20,9 +20,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from app.imaging import ImageError, preprocess_file  # noqa: E402
-from training.data import DataError, scan_folder  # noqa: E402
-from training.report import classification_metrics, format_metrics, plot_confusion  # noqa: E402
+from app.imaging import ImageError, preprocess_file
+from training.data import DataError, scan_folder
+from training.report import classification_metrics, format_metrics, plot_confusion
 
 log = logging.getLogger("training.evaluate")
 
@@ -39,7 +39,10 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
         return backend.predict, card.labels, card.input.height
     import keras
 
-    model_file = source / "best.keras" if source.is_dir() else source
+    model_file = source
+    if source.is_dir():
+        model_file = next((source / n for n in ("final.keras", "best.keras")
+                           if (source / n).is_file()), source / "final.keras")  # fmt: skip
     if not model_file.is_file():
         raise DataError(f"{source} is not a run directory, a .keras file or a model directory")
     model = keras.models.load_model(model_file)
@@ -62,7 +65,7 @@ def evaluate(source: Path, data_dir: Path, fmt: str = "keras", artifact: str | N
         raise DataError(f"class folders {unknown} are not among the model's labels {labels}")
     to_model = [labels.index(name) for name in class_names]
     images, truth = [], []
-    for rel, label in zip(paths, folder_labels):
+    for rel, label in zip(paths, folder_labels, strict=False):
         try:
             images.append(preprocess_file(str(data_dir / rel), size))
             truth.append(to_model[label])
@@ -77,14 +80,28 @@ def evaluate(source: Path, data_dir: Path, fmt: str = "keras", artifact: str | N
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("model", type=Path, help="run directory, .keras file or exported model directory")
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "model", type=Path, help="run directory, .keras file or exported model directory"
+    )
     p.add_argument("data", type=Path, help="folder with one sub-folder of photos per class")
-    p.add_argument("--format", default="keras", choices=["keras", "tflite", "savedmodel"],
-                   help="for a model directory: which artifact format to evaluate")
-    p.add_argument("--artifact", help="for a model directory: artifact file, e.g. model_int8.tflite")
-    p.add_argument("--out", type=Path, default=Path("evaluation"),
-                   help="folder for evaluation.json and confusion.png")
+    p.add_argument(
+        "--format",
+        default="keras",
+        choices=["keras", "tflite", "savedmodel"],
+        help="for a model directory: which artifact format to evaluate",
+    )
+    p.add_argument(
+        "--artifact", help="for a model directory: artifact file, e.g. model_int8.tflite"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        help="folder for evaluation.json and confusion.png",
+    )
     args = p.parse_args(argv)
     try:
         metrics = evaluate(args.model, args.data, args.format, args.artifact)

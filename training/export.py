@@ -24,12 +24,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from app.artifacts import ModelCard, describe_artifact, write_card  # noqa: E402
-from app.backends import SavedModelBackend, TFLiteBackend, check_shapes  # noqa: E402
-from app.imaging import RESIZE_RULE, preprocess_file  # noqa: E402
+from app.artifacts import ModelCard, describe_artifact, write_card
+from app.backends import SavedModelBackend, TFLiteBackend, check_shapes
+from app.imaging import RESIZE_RULE, preprocess_file
 
 log = logging.getLogger("training.export")
 
@@ -83,7 +83,7 @@ def convert_tflite(saved_model_dir: Path, quantization: str, calibration: np.nda
         raise ExportError(f"unknown quantization {quantization!r}")
     try:
         return converter.convert()
-    except Exception as exc:  # noqa: BLE001 - the converter raises ConverterError and others
+    except Exception as exc:
         raise ExportError(f"TFLite conversion ({quantization}) failed: {exc}") from None
 
 
@@ -156,7 +156,7 @@ def export_model(
                 "savedmodel": "saved_model",
             },
             versions=_versions(),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         write_card(tmp, card)
         if out_dir.exists():
@@ -186,8 +186,11 @@ def _write_artifacts(model, tmp, calibration, validation, quantizations, threads
     model.export(str(tmp / "saved_model"), format="tf_saved_model", verbose=False)
     saved = SavedModelBackend(tmp / "saved_model")
     check_shapes(saved, height, width, num_labels, tmp / "saved_model")
-    rows.append(_evaluate("saved_model", "savedmodel", "float32", saved, images, reference,
-                          validation.labels, tmp))
+    rows.append(
+        _evaluate(
+            "saved_model", "savedmodel", "float32", saved, images, reference, validation.labels, tmp
+        )
+    )
 
     for quantization in quantizations:
         file = TFLITE_VARIANTS[quantization]
@@ -199,18 +202,26 @@ def _write_artifacts(model, tmp, calibration, validation, quantizations, threads
         check_shapes(backend, height, width, num_labels, tmp / file)
         if backend.input_shape[0] != -1:
             raise ExportError(f"{file} has a fixed batch size {backend.input_shape[0]}")
-        rows.append(_evaluate(file, "tflite", quantization, backend, images, reference,
-                              validation.labels, tmp))
+        rows.append(
+            _evaluate(
+                file, "tflite", quantization, backend, images, reference, validation.labels, tmp
+            )
+        )
 
     for row in rows[1:]:
-        extra = {k: row[k] for k in ("validation_top1", "agreement_with_keras", "max_abs_diff")
-                 if k in row}
-        artifacts.append(describe_artifact(tmp, row["file"], row["format"], row["quantization"],
-                                           **extra))
+        extra = {
+            k: row[k]
+            for k in ("validation_top1", "agreement_with_keras", "max_abs_diff")
+            if k in row
+        }
+        artifacts.append(
+            describe_artifact(tmp, row["file"], row["format"], row["quantization"], **extra)
+        )
     bad_float = [r["file"] for r in rows if r["quantization"] == "float32" and not r["parity_ok"]]
     if bad_float:
-        raise ExportError(f"float artifacts differ from Keras by more than {FLOAT_TOLERANCE}: "
-                          f"{bad_float}")
+        raise ExportError(
+            f"float artifacts differ from Keras by more than {FLOAT_TOLERANCE}: {bad_float}"
+        )
     return rows, artifacts
 
 
@@ -242,8 +253,10 @@ def _versions() -> dict[str, str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'artifact':<22}{'quant':<15}{'size MB':>9}{'val top-1':>11}{'agree':>8}" \
-             f"{'max|dp|':>10}{'ms/img':>8}  parity"
+    header = (
+        f"{'artifact':<22}{'quant':<15}{'size MB':>9}{'val top-1':>11}{'agree':>8}"
+        f"{'max|dp|':>10}{'ms/img':>8}  parity"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         top1 = f"{r['validation_top1']:.2%}" if "validation_top1" in r else "-"
@@ -256,12 +269,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
-    """A run directory (best.keras inside) or a .keras file -> (model file, run dir or None)."""
+    """A run directory (final.keras or best.keras inside) or a .keras file -> (file, run dir)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "best.keras").is_file():
-            return path / "best.keras", path
-        raise ExportError(f"{path} is not a run directory: no best.keras inside")
+        for name in ("final.keras", "best.keras"):
+            if (path / name).is_file():
+                return path / name, path
+        raise ExportError(f"{path} is not a run directory: no final.keras or best.keras inside")
     if path.is_file() and path.suffix == ".keras":
         return path, None
     raise ExportError(f"{path} is neither a run directory nor a .keras file")
@@ -287,7 +301,9 @@ def _photos(root: Path, files: list[str], labels: list[int] | None, size: int) -
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m training.export", description=__doc__.split("\n")[0]
+    )
     p.add_argument("model", help="run directory (with best.keras) or a .keras file")
     p.add_argument("--out", required=True, help="model directory to create, e.g. models/flowers")
     p.add_argument("--name", help="model name (default: the --out folder name)")
@@ -295,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="export at another input size (multiple of 32)")
     p.add_argument("--data", help="labelled photo folder for parity checks (default: the run's)")
     p.add_argument("--calibration-images", type=int, default=200)
-    p.add_argument("--quantizations", default=",".join(TFLITE_VARIANTS),
-                   help=f"comma-separated subset of {','.join(TFLITE_VARIANTS)} (float32 required)")
+    p.add_argument(
+        "--quantizations",
+        default=",".join(TFLITE_VARIANTS),
+        help=f"comma-separated subset of {','.join(TFLITE_VARIANTS)} (float32 required)",
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -321,14 +340,23 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
     model_file, run_dir = resolve_model(args.model)
     try:
         model = keras.models.load_model(model_file)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ExportError(f"{model_file} is not a loadable Keras model: {exc}") from None
     report = json.loads((run_dir / "report.json").read_text()) if run_dir else {}
     variant = report.get("variant", model.name.removeprefix("mobilevit_"))
-    if args.image_size:
-        model = resize_model(model, args.image_size, variant)
-    size = model.input_shape[1]
     split = json.loads((run_dir / "split.json").read_text()) if run_dir else None
+    if args.image_size and args.image_size != model.input_shape[1]:
+        model = resize_model(model, args.image_size, variant)
+        if split:
+            # Statistics seen at the training size do not hold at another: re-estimate them
+            # on training photos at the export size (FixRes-style test-resolution fix).
+            from training.train import recalibrate_batchnorm
+
+            root = Path(split["root"])
+            rng = np.random.default_rng(1)
+            files = rng.permutation(split["train"])[:1280]
+            recalibrate_batchnorm(model, _photos(root, list(files), None, args.image_size).images)
+    size = model.input_shape[1]
     labels = (split or report).get("class_names")
     root = Path(args.data or (split or {}).get("root", ""))
     if not labels or not root.is_dir():
@@ -344,10 +372,15 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
     index = {name: i for i, name in enumerate(labels)}
     val_labels = [index[Path(f).parts[0]] for f in val_files]
     rng = np.random.default_rng(0)
-    calib_files = list(rng.choice(train_files, min(args.calibration_images, len(train_files)),
-                                  replace=False))
-    log.info("parity on %d validation photos, calibration on %d training photos at %d px",
-             len(val_files), len(calib_files), size)
+    calib_files = list(
+        rng.choice(train_files, min(args.calibration_images, len(train_files)), replace=False)
+    )
+    log.info(
+        "parity on %d validation photos, calibration on %d training photos at %d px",
+        len(val_files),
+        len(calib_files),
+        size,
+    )
     training_info = {
         "data": report.get("data"),
         "train_images": report.get("train_images"),
@@ -358,8 +391,10 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         "wall_time_s": report.get("wall_time_s"),
         "recipe": report.get("recipe"),
     }
-    metrics = {"validation_top1": report.get("validation", {}).get("top1"),
-               "validation": report.get("validation")}
+    metrics = {
+        "validation_top1": report.get("validation", {}).get("top1"),
+        "validation": report.get("validation"),
+    }
     return export_model(
         model,
         args.out,

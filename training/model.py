@@ -129,13 +129,15 @@ def _check_divisible(height, width, patch, name):
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int = 1, act: bool = True, name: str = ""):
-    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}conv")(x)
+    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}conv")(
+        x
+    )
     x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}bn")(x)
     return layers.Activation("silu", name=f"{name}act")(x) if act else x
 
 
 def _inverted_residual(x, filters: int, stride: int, expansion: int, name: str):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual if shapes match."""
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear project, residual if same shape."""
     inputs = x
     hidden = x.shape[-1] * expansion
     x = _conv_bn(x, hidden, 1, name=f"{name}expand_")

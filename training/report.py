@@ -9,7 +9,7 @@ import numpy as np
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
-    """Top-1, per-class precision/recall/F1 and the confusion matrix (rows: true, cols: predicted)."""
+    """Top-1, per-class precision/recall/F1, confusion matrix (rows: true, cols: predicted)."""
     n = len(class_names)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (np.asarray(y_true), np.asarray(y_pred)), 1)
@@ -46,7 +46,7 @@ def format_metrics(metrics: dict) -> str:
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     names = metrics["class_names"]
     lines.append(" " * 14 + "".join(f"{n[:9]:>10}" for n in names))
-    for name, row in zip(names, metrics["confusion_matrix"]):
+    for name, row in zip(names, metrics["confusion_matrix"], strict=False):
         lines.append(f"{name[:13]:<14}" + "".join(f"{v:>10}" for v in row))
     return "\n".join(lines)
 

@@ -4,7 +4,9 @@
     python -m training.train --run-dir runs/flowers --resume     # continue an interrupted run
 
 The run directory receives split.json, config.json, last.keras (every epoch, for --resume),
-best.keras (best validation top-1), log.csv, report.json, curves.png and confusion.png.
+best.keras (best validation top-1 during training),
+final.keras (last epoch's weights, their EMA if enabled, BatchNorm recalibrated: what export
+ships), log.csv, report.json, curves.png and confusion.png.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import csv
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from training.data import (  # noqa: E402
+from training.data import (
     Augment,
     DataError,
     Dataset,
@@ -35,8 +39,8 @@ from training.data import (  # noqa: E402
     stratified_split,
     write_split,
 )
-from training.model import VARIANTS, build_model  # noqa: E402
-from training.report import classification_metrics, plot_confusion, plot_curves  # noqa: E402
+from training.model import VARIANTS, build_model
+from training.report import classification_metrics, plot_confusion, plot_curves
 
 log = logging.getLogger("training.train")
 
@@ -52,12 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="folder with one sub-folder of photos per class")
-    src.add_argument("--tfds", help="tensorflow-datasets name, e.g. tf_flowers (needs network once)")
+    src.add_argument(
+        "--tfds", help="tensorflow-datasets name, e.g. tf_flowers (needs network once)"
+    )
     p.add_argument("--run-dir", required=True, help="output folder for checkpoints and reports")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--variant", default="xxs", choices=sorted(VARIANTS))
     p.add_argument("--image-size", type=int, default=128, help="square input size, multiple of 32")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default 60; with --resume, a new total re-plans the cosine schedule",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate after warm-up")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
@@ -65,16 +76,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop min area")
     p.add_argument("--color-jitter", type=float, default=0.2, help="0 disables colour jitter")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="validate and keep the exponential moving average of the weights")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="validate and keep the exponential moving average of the weights",
+    )
     p.add_argument("--ema-momentum", type=float, default=0.998)
     p.add_argument("--transformer-dropout", type=float, default=0.0)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--precision", default="float32",
-                   choices=["float32", "mixed_float16", "mixed_bfloat16"])
-    p.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="XLA-compile the train step (slow first epoch, faster later ones)")
+    p.add_argument(
+        "--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"]
+    )
+    p.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="XLA-compile the train step (slow first epoch, faster later ones)",
+    )
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N photos a class")
     args = p.parse_args(argv)
     if not args.resume and not (args.data or args.tfds):
@@ -86,7 +106,10 @@ def load_dataset(cfg: dict, limit_per_class: int = 0) -> Dataset:
     dataset = load_tfds(cfg["tfds"]) if cfg.get("tfds") else load_folder(cfg["data"])
     if limit_per_class:
         keep = np.concatenate(
-            [np.flatnonzero(dataset.labels == c)[:limit_per_class] for c in np.unique(dataset.labels)]
+            [
+                np.flatnonzero(dataset.labels == c)[:limit_per_class]
+                for c in np.unique(dataset.labels)
+            ]
         )
         dataset = dataset.subset(np.sort(keep))
     return dataset
@@ -113,24 +136,114 @@ def make_optimizer(cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimize
     return optimizer
 
 
-class EpochStats(keras.callbacks.Callback):
-    """Adds seconds and training images/s per epoch to the logs (and so to log.csv)."""
+class _Prefetch:
+    """Builds the next batches in a background thread while the model trains on this one."""
 
-    def __init__(self, images_per_epoch: int):
-        super().__init__()
-        self.images_per_epoch = images_per_epoch
+    def __init__(self, batches: PhotoBatches, depth: int = 3):
+        self._count = len(batches)
+        self._queue: queue.Queue = queue.Queue(depth)
+        threading.Thread(target=self._fill, args=(batches,), daemon=True).start()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+    def _fill(self, batches: PhotoBatches) -> None:
+        try:
+            for index in range(self._count):
+                self._queue.put(batches[index])
+        except Exception as exc:
+            self._queue.put(exc)
 
-    def on_test_begin(self, logs=None):
-        self._train_seconds = time.perf_counter() - self._start
+    def __iter__(self):
+        for _ in range(self._count):
+            item = self._queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self._start
-            train_seconds = getattr(self, "_train_seconds", logs["epoch_seconds"])
-            logs["train_images_per_s"] = self.images_per_epoch / train_seconds
+
+def _swap_ema(model: keras.Model) -> None:
+    """Exchange the model's trainable weights with the optimizer's moving averages."""
+    averages = model.optimizer._model_variables_moving_average
+    for variable, average in zip(model.trainable_variables, averages, strict=True):
+        current = variable.numpy()
+        variable.assign(average.numpy())
+        average.assign(current)
+
+
+def fit_epochs(model, batches, validation, run_dir: Path, initial_epoch: int, epochs: int,
+               best_so_far: float) -> None:  # fmt: skip
+    """Epoch loop over `train_on_batch`: on 2 CPU cores it ran 3.5x faster than `fit` over a
+    PyDataset. Checkpoints last.keras (weights + optimizer state, EMA included, for --resume)
+    every epoch and best.keras on a new best validation top-1; appends to log.csv."""
+    x_val, y_val = validation
+    log_path = run_dir / "log.csv"
+    fields = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate",
+              "epoch_seconds", "train_images_per_s"]  # fmt: skip
+    for epoch in range(initial_epoch, epochs):
+        start = time.perf_counter()
+        progress = keras.utils.Progbar(len(batches), verbose=1 if sys.stdout.isatty() else 0)
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        for step, (x, y) in enumerate(_Prefetch(batches)):
+            batch_logs = model.train_on_batch(x, y, return_dict=True)  # per-batch metrics
+            for key in sums:
+                sums[key] += float(batch_logs[key])
+            logs = {key: total / (step + 1) for key, total in sums.items()}
+            progress.update(step + 1, list(logs.items()))
+        batches.on_epoch_end()
+        train_seconds = time.perf_counter() - start
+        model.save(run_dir / "last.keras")
+        # Validate the raw weights: the EMA weights only fit after BatchNorm recalibration
+        # (see `finalize`), which is too slow to run every epoch on 2 cores.
+        val = model.evaluate(x_val, y_val, batch_size=64, verbose=0, return_dict=True)
+        if val["accuracy"] > best_so_far:
+            best_so_far = val["accuracy"]
+            model.save(run_dir / "best.keras")
+        row = {
+            "epoch": epoch,
+            "accuracy": float(logs["accuracy"]),
+            "loss": float(logs["loss"]),
+            "val_accuracy": float(val["accuracy"]),
+            "val_loss": float(val["loss"]),
+            "learning_rate": float(model.optimizer.learning_rate),
+            "epoch_seconds": time.perf_counter() - start,
+            "train_images_per_s": len(batches) * batches.batch_size / train_seconds,
+        }
+        new_file = not log_path.exists() or log_path.stat().st_size == 0
+        with open(log_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"epoch {epoch + 1}/{epochs} " + " ".join(
+            f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)  # fmt: skip
+
+
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> None:
+    """Re-estimate every BatchNorm's statistics for the model's current weights ("precise BN").
+
+    Moving statistics lag weights that move fast, and are not averaged with the EMA weights at
+    all; both showed here as a large gap between training-mode and inference-mode accuracy.
+    A cumulative average over training images under the evaluation transform fixes both.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for k, start in enumerate(range(0, len(images) - batch_size + 1, batch_size)):
+            for layer in norms:
+                layer.momentum = k / (k + 1)  # running mean of per-batch statistics
+            model(images[start : start + batch_size].astype(np.float32), training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
+
+
+def finalize(run_dir: Path, train_set: Dataset, cfg: dict, max_images: int = 1280) -> Path:
+    """final.keras: the last weights (their EMA when enabled) with recalibrated BatchNorm."""
+    model = keras.models.load_model(run_dir / "last.keras")
+    if cfg["ema"]:
+        _swap_ema(model)
+    order = np.random.default_rng(cfg["seed"]).permutation(len(train_set.labels))[:max_images]
+    recalibrate_batchnorm(model, eval_arrays(train_set.subset(order), cfg["image_size"]))
+    model.save(run_dir / "final.keras")
+    return run_dir / "final.keras"
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -146,14 +259,17 @@ def predict_dataset(model: keras.Model, dataset: Dataset, image_size: int) -> np
     from app.imaging import preprocess_file
 
     if Path(dataset.root).is_dir():
-        x = np.stack([preprocess_file(str(Path(dataset.root, p)), image_size) for p in dataset.paths])
+        x = np.stack(
+            [preprocess_file(str(Path(dataset.root, p)), image_size) for p in dataset.paths]
+        )
     else:
         x = eval_arrays(dataset, image_size)
     return model.predict(x.astype(np.float32), batch_size=32, verbose=0)
 
 
 def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: Dataset) -> dict:
-    model = keras.models.load_model(run_dir / "best.keras")
+    """Validation metrics of final.keras (the model to export) under the serving transform."""
+    model = keras.models.load_model(run_dir / "final.keras")
     probs = predict_dataset(model, val, cfg["image_size"])
     metrics = classification_metrics(val.labels, probs.argmax(axis=1), val.class_names)
     rows = read_log(run_dir)
@@ -163,16 +279,20 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
         "image_size": cfg["image_size"],
         "parameters": int(model.count_params()),
         "class_names": dataset.class_names,
-        "data": cfg.get("tfds") and f"tfds:{cfg['tfds']}" or cfg["data"],
+        "data": (cfg.get("tfds") and f"tfds:{cfg['tfds']}") or cfg["data"],
         "train_images": train_n,
         "val_images": len(val.labels),
         "epochs_completed": len(rows),
         "best_epoch": int(best["epoch"]) + 1 if best else None,
+        "best_checkpoint_val_top1": round(float(best["val_accuracy"]), 4) if best else None,
+        "final_model": "final.keras (last epoch, EMA weights if enabled, BatchNorm recalibrated)",
         "validation": metrics,
         "wall_time_s": round(sum(float(r["epoch_seconds"]) for r in rows), 1),
         "train_images_per_s": round(
             float(np.median([float(r["train_images_per_s"]) for r in rows])), 2
-        ) if rows else None,
+        )
+        if rows
+        else None,
         "recipe": {k: cfg[k] for k in RECIPE_KEYS if k in cfg},
         "versions": {"keras": keras.__version__, "backend": keras.backend.backend()},
     }
@@ -189,7 +309,12 @@ def train(args: argparse.Namespace) -> dict:
         if not (run_dir / "last.keras").exists():
             raise DataError(f"nothing to resume: {run_dir / 'last.keras'} does not exist")
         cfg = json.loads(config_path.read_text())
+        if args.epochs and args.epochs != cfg["epochs"]:
+            log.info("re-planning the schedule: %d -> %d epochs", cfg["epochs"], args.epochs)
+            cfg["epochs"] = args.epochs
+            config_path.write_text(json.dumps(cfg, indent=2))
     else:
+        args.epochs = args.epochs or 60
         if (run_dir / "last.keras").exists():
             raise DataError(f"{run_dir} already holds a run; pass --resume or another --run-dir")
         cfg = {k: getattr(args, k) for k in RECIPE_KEYS}
@@ -210,15 +335,19 @@ def train(args: argparse.Namespace) -> dict:
         write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
     train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
     num_classes = len(dataset.class_names)
-    log.info("%d classes %s; %d train / %d validation photos",
-             num_classes, dataset.class_names, len(train_idx), len(val_idx))
+    log.info(
+        "%d classes %s; %d train / %d validation photos",
+        num_classes,
+        dataset.class_names,
+        len(train_idx),
+        len(val_idx),
+    )
 
     batches = PhotoBatches(
         train_set,
         cfg["batch_size"],
         Augment(cfg["image_size"], cfg["min_scale"], color_jitter=cfg["color_jitter"]),
         seed=cfg["seed"],
-        workers=2,
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
@@ -227,6 +356,9 @@ def train(args: argparse.Namespace) -> dict:
     initial_epoch = len(rows) if args.resume else 0
     if args.resume:
         model = keras.models.load_model(run_dir / "last.keras")
+        # The schedule is a function of the optimizer's step count: rebuilding it for the
+        # (possibly changed) epoch total continues the same warm-up + cosine curve.
+        model.optimizer.learning_rate = make_optimizer(cfg, len(batches)).learning_rate
         batches.epoch = initial_epoch
         batches._order = batches._shuffled()
         log.info("resuming at epoch %d of %d", initial_epoch + 1, cfg["epochs"])
@@ -240,35 +372,20 @@ def train(args: argparse.Namespace) -> dict:
             metrics=["accuracy"],
             jit_compile="auto" if cfg.get("jit_compile", True) else False,
         )
-    best_so_far = max((float(r["val_accuracy"]) for r in rows), default=None) if args.resume else None
-    callbacks = [
-        EpochStats(len(batches) * cfg["batch_size"]),
-        keras.callbacks.ModelCheckpoint(run_dir / "last.keras"),  # raw weights + optimizer
-    ]
-    if cfg["ema"]:
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [
-        keras.callbacks.ModelCheckpoint(
-            run_dir / "best.keras", monitor="val_accuracy", mode="max", save_best_only=True,
-            initial_value_threshold=best_so_far,
-        ),
-        keras.callbacks.CSVLogger(run_dir / "log.csv", append=True),
-    ]
     started = time.perf_counter()
-    if initial_epoch < cfg["epochs"]:
-        model.fit(
-            batches,
-            validation_data=(x_val, y_val),
-            validation_batch_size=64,
-            epochs=cfg["epochs"],
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
+    fit_epochs(model, batches, (x_val, y_val), run_dir, initial_epoch, cfg["epochs"],
+               best_so_far=max(
+                   (float(r["val_accuracy"]) for r in rows), default=-1.0))  # fmt: skip
     log.info("training took %.0f s", time.perf_counter() - started)
+    finalize(run_dir, train_set, cfg)
     report = write_report(run_dir, cfg, dataset, len(train_idx), val_set)
-    log.info("best validation top-1 %.2f%% (epoch %s); report in %s",
-             100 * report["validation"]["top1"], report["best_epoch"], run_dir / "report.json")
+    log.info(
+        "final model validation top-1 %.2f%% (best checkpoint: %s at epoch %s); report in %s",
+        100 * report["validation"]["top1"],
+        report["best_checkpoint_val_top1"],
+        report["best_epoch"],
+        run_dir / "report.json",
+    )
     return report
 
 

@@ -1,0 +1,248 @@
+"""Dynamic batching: many concurrent requests, one backend call per batch.
+
+Callers `submit` one image at a time and await a future. One worker task takes the first waiting
+image, waits at most `max_wait_s` from that image's arrival for the batch to fill up to
+`max_batch_size`, stacks the batch ([N, H, W, 3]) and runs `predict` in a single-thread executor,
+off the event loop. Every future of the batch gets its own row, or, when `predict` raises, the
+same `InferenceFailed`; the worker then goes on with the next batch.
+
+Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
+`Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
+up (deadline, client gone) cancels its future; the worker skips cancelled items. `close()` stops
+accepting, finishes what is queued, then stops the worker.
+
+The queue is a deque plus an event rather than `asyncio.Queue`, so the worker can look at the
+first item's arrival time and the depth without taking items out, and a timed wait can never
+lose an item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger("app.batcher")
+
+Predict = Callable[[np.ndarray], np.ndarray]
+#: Called after every backend call: (batch size, seconds in predict, whether it failed).
+BatchHook = Callable[[int, float, bool], None]
+
+
+class Overloaded(RuntimeError):
+    """The queue is full, or the batcher is closing: try again later (503)."""
+
+
+class InferenceFailed(RuntimeError):
+    """The backend raised while running the batch this item was in (500)."""
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    images: int = 0
+    failed_batches: int = 0
+    rejected: int = 0
+    skipped_cancelled: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.002,
+        queue_limit: int = 256,
+        on_batch: BatchHook | None = None,
+    ):
+        if max_batch_size < 1 or queue_limit < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and queue_limit must be >= 1, max_wait_s >= 0")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_limit = queue_limit
+        self.stats = BatcherStats()
+        self._predict = predict
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._accepting = False
+        self._closing = False
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._worker is not None:
+            raise RuntimeError("batcher already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._worker.add_done_callback(self._worker_done)
+        self._accepting = True
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        """If the worker ever stops on its own, nothing may wait for it forever."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("batch worker crashed", exc_info=task.exception())
+        self._accepting = False
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(Overloaded("inference worker stopped"))
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, finish queued work (at most `timeout` seconds), stop the worker."""
+        self._accepting = False
+        self._closing = True
+        self._wakeup.set()
+        worker = self._worker
+        if worker is not None and not worker.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(worker), timeout)
+            except TimeoutError:
+                logger.warning("batcher did not drain in %.1fs; failing the rest", timeout)
+                worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)
+            except Exception:
+                pass  # a crashed worker was already logged by _worker_done
+        while self._queue:  # left over after a forced stop
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(Overloaded("service is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def depth(self) -> int:
+        """Images waiting (not yet taken into a batch)."""
+        return len(self._queue)
+
+    # ---- callers ---------------------------------------------------------------------------
+
+    def submit(self, image: np.ndarray) -> asyncio.Future:
+        return self.submit_many([image])[0]
+
+    def submit_many(self, images: Sequence[np.ndarray]) -> list[asyncio.Future]:
+        """Queue all images or none: raises `Overloaded` if they do not all fit."""
+        if not self._accepting:
+            self.stats.rejected += len(images)
+            raise Overloaded("service is shutting down" if self._closing else "batcher not started")
+        if len(self._queue) + len(images) > self.queue_limit:
+            self.stats.rejected += len(images)
+            raise Overloaded(
+                f"inference queue is full ({len(self._queue)} waiting, limit {self.queue_limit})"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = []
+        for image in images:
+            future = loop.create_future()
+            self._queue.append(_Item(image, future, now))
+            futures.append(future)
+        self._wakeup.set()
+        return futures
+
+    async def predict_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Submit, wait for every row; cancelling the caller cancels its queued items."""
+        futures = self.submit_many(images)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+    # ---- worker ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                await self._run_batch(batch)
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """Wait for a first item, then up to `max_wait_s` (from its arrival) for a full batch."""
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            if self._closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+        batch: list[_Item] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.future.done():  # its caller gave up
+                self.stats.skipped_cancelled += 1
+                continue
+            batch.append(item)
+        return batch
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
+            outputs = await loop.run_in_executor(self._executor, self._predict, images)
+            outputs = np.asarray(outputs)
+            if outputs.ndim != 2 or outputs.shape[0] != len(batch):
+                raise ValueError(f"backend returned shape {outputs.shape} for {len(batch)} images")
+        except Exception as exc:  # whatever the backend raises fails this batch, and only it
+            seconds = time.perf_counter() - started
+            logger.error("inference failed for a batch of %d", len(batch), exc_info=exc)
+            self._record(len(batch), seconds, failed=True)
+            error = InferenceFailed(f"inference failed: {type(exc).__name__}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - started
+        self._record(len(batch), seconds, failed=False)
+        for item, row in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+
+    def _record(self, size: int, seconds: float, failed: bool) -> None:
+        self.stats.batches += 1
+        self.stats.batch_sizes[size] += 1
+        if failed:
+            self.stats.failed_batches += 1
+        else:
+            self.stats.images += size
+        if self._on_batch is not None:
+            try:
+                self._on_batch(size, seconds, failed)
+            except Exception:  # metrics must never break inference
+                logger.exception("batch hook failed")

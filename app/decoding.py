@@ -1,0 +1,224 @@
+"""From an HTTP request to model inputs: bounded body, multipart parts, decode in a thread pool.
+
+Order of checks, cheapest first: content type (415), declared `Content-Length` (413 before a
+byte is read), the body counted while it streams in (413 at the limit), then multipart parsing
+of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
+`file` part), then decoding with the pixel limit checked from the image header (413) in
+`DECODE_THREADS` threads via `app.imaging.preprocess_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import unicodedata
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from app.errors import ApiError
+from app.imaging import DecodeLimits, ImageError, preprocess_bytes
+
+FILE_FIELD = "file"
+MAX_FILENAME_CHARS = 128
+#: Non-file form fields tolerated next to the files (they are ignored).
+MAX_EXTRA_PARTS = 8
+RAW_TYPES = ("application/octet-stream",)
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+def sanitize_filename(name: str | bytes | None) -> str | None:
+    """Basename only, no control or format characters, at most MAX_FILENAME_CHARS; None if empty."""
+    if name is None:
+        return None
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", errors="replace")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    name = name.strip()
+    if name in ("", ".", ".."):
+        return None
+    return name[:MAX_FILENAME_CHARS]
+
+
+def media_type(header: str | None) -> tuple[str, dict[bytes, bytes]]:
+    kind, options = parse_options_header(header or "")
+    return kind.decode("latin-1").strip().lower(), options
+
+
+def is_image_type(kind: str) -> bool:
+    return kind.startswith("image/") or kind in RAW_TYPES
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if size > limit:
+            raise ApiError(413, f"request body is {size} bytes; the limit is {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise ApiError(400, "client disconnected before sending the whole body") from None
+    return bytes(body)
+
+
+async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
+    """Images of a `/predict` request: multipart `file` parts, or one raw `image/*` body."""
+    kind, options = media_type(request.headers.get("content-type"))
+    if kind == "multipart/form-data":
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "multipart/form-data without a boundary parameter")
+        body = await read_body(request, max_bytes)
+        return parse_multipart(body, boundary, max_files)
+    if is_image_type(kind):
+        body = await read_body(request, max_bytes)
+        if not body:
+            raise ApiError(400, "empty request body; send the image bytes")
+        disposition = request.headers.get("content-disposition")
+        filename = media_type(disposition)[1].get(b"filename") if disposition else None
+        return [Upload(sanitize_filename(filename), body)]
+    shown = kind or "none"
+    raise ApiError(
+        415,
+        f"Content-Type {shown!r} is not accepted; send multipart/form-data with '{FILE_FIELD}' "
+        "parts, or the raw image with an image/* (or application/octet-stream) Content-Type",
+    )
+
+
+class _PartCollector:
+    """python-multipart callbacks collecting parts; enforces the part and file limits early."""
+
+    def __init__(self, max_files: int):
+        self.max_files = max_files
+        self.files: list[Upload] = []
+        self.parts = 0
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+        self._data = bytearray()
+        self._is_file = False
+        self._filename: str | None = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_files + MAX_EXTRA_PARTS:
+            raise ApiError(413, f"too many multipart parts (limit {self.max_files} files)")
+        self._headers = {}
+        self._data = bytearray()
+        self._is_file = False
+        self._filename = None
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).strip().lower()] = bytes(self._value).strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        disposition, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if disposition != b"form-data":
+            raise ApiError(400, "multipart part without 'Content-Disposition: form-data'")
+        name = params.get(b"name", b"").decode("utf-8", errors="replace")
+        self._is_file = name == FILE_FIELD
+        if not self._is_file:
+            return
+        if len(self.files) >= self.max_files:
+            raise ApiError(413, f"too many files: at most {self.max_files} per request")
+        self._filename = sanitize_filename(params.get(b"filename"))
+        kind, _ = media_type(self._headers.get(b"content-type", b"").decode("latin-1"))
+        if kind and not is_image_type(kind):
+            shown = self._filename or "part"
+            raise ApiError(415, f"{shown}: content type {kind!r} is not an image")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            self._data.extend(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._is_file:
+            self.files.append(Upload(self._filename, bytes(self._data)))
+            self._is_file = False
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def parse_multipart(body: bytes, boundary: bytes, max_files: int) -> list[Upload]:
+    """The `file` parts of a buffered multipart/form-data body, in order."""
+    collector = _PartCollector(max_files)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, FormParserError, ValueError) as exc:
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    if not collector.ended:
+        raise ApiError(400, "malformed multipart body: no closing boundary")
+    if not collector.files:
+        raise ApiError(
+            422, f"no multipart part named '{FILE_FIELD}'; send the image(s) as '{FILE_FIELD}'"
+        )
+    return collector.files
+
+
+class Decoder:
+    """Decode + resize in a thread pool sized by DECODE_THREADS."""
+
+    def __init__(self, size: int, limits: DecodeLimits, threads: int):
+        self.size = size
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    def decode_one(self, data: bytes) -> np.ndarray:
+        return preprocess_bytes(data, self.size, self.limits)
+
+    async def decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
+        """uint8 [size, size, 3] per upload, in order; the first failing upload sets the error."""
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self._pool, self.decode_one, u.data) for u in uploads]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for upload, result in zip(uploads, results, strict=True):
+            if isinstance(result, ImageError):
+                where = f"{upload.filename}: " if upload.filename else ""
+                raise ApiError(result.status, f"{where}{result}")
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
+
+    async def run(self, func, *args):
+        """Run other CPU work (e.g. parsing a large JSON body) in the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

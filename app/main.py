@@ -1,0 +1,110 @@
+"""The FastAPI application: `create_app(settings)` builds it; the lifespan loads the model.
+
+    uvicorn app.main:app            # settings from MOBILEVIT_* environment variables
+
+Importing this module is cheap: nothing is loaded until the lifespan starts. Startup verifies
+the model directory (hashes included), opens the backend, checks its tensor shapes against
+model.json and runs a warm-up batch; only then does `/health` answer 200. Any failure is raised
+from the lifespan with a message naming the file, so uvicorn exits non-zero. Shutdown reports
+not-ready first, refuses new work, finishes what is queued, then stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import routes, v2
+from app.artifacts import ArtifactError
+from app.batcher import Batcher
+from app.decoding import Decoder
+from app.errors import install_error_handlers
+from app.imaging import DecodeLimits
+from app.metrics import Metrics, MetricsMiddleware
+from app.service import load_service
+from app.settings import Settings
+
+logger = logging.getLogger("app")
+if not logger.handlers:  # uvicorn configures only its own loggers; show ours beside them
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+
+API_VERSION = "1.0.0"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    app.state.status = "loading"
+    started = time.perf_counter()
+    try:
+        service = await asyncio.to_thread(load_service, settings)
+    except ArtifactError as exc:
+        logger.error("cannot serve %s: %s", settings.model_dir, exc)
+        raise
+    service.decoder = Decoder(
+        service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
+    )
+    service.batcher = Batcher(
+        service.backend.predict,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_s,
+        queue_limit=settings.queue_limit,
+        on_batch=metrics.observe_batch,
+    )
+    service.batcher.start()
+    batcher = service.batcher
+    metrics.track_queue(lambda: batcher.depth)
+    metrics.model_info.labels(**service.model_ref()).set(1)
+    app.state.service = service
+    app.state.status = "ready"
+    metrics.ready.set(1)
+    logger.info(
+        "serving %s %s (%s, %s) after %.1fs",
+        service.card.name,
+        service.card.version,
+        service.format,
+        service.artifact.file,
+        time.perf_counter() - started,
+    )
+    try:
+        yield
+    finally:
+        app.state.status = "draining"  # health answers 503 from here on
+        metrics.ready.set(0)
+        await batcher.close(timeout=settings.request_timeout_s)
+        service.decoder.close()
+        metrics.track_queue(lambda: 0)
+        app.state.status = "stopped"
+        logger.info("stopped after draining the queue")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new application (own settings, own metrics registry); the model loads in the lifespan."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="MobileViT image classification",
+        version=API_VERSION,
+        summary="Classifies images with a MobileViT model exported as TFLite or SavedModel.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.status = "loading"
+    app.state.service = None
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(routes.router)
+    app.include_router(v2.router)
+    return app
+
+
+app = create_app()

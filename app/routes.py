@@ -1,0 +1,283 @@
+"""The service's own REST API: /predict, /health*, /model-info, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
+
+from app.batcher import InferenceFailed, Overloaded
+from app.decoding import FILE_FIELD, read_uploads
+from app.errors import ApiError, error_responses
+from app.service import Service
+
+router = APIRouter()
+
+DEFAULT_TOP_K = 3
+
+
+# ---- dependencies ----------------------------------------------------------------------------
+
+
+async def ready_service(request: Request) -> Service:
+    """The loaded service, or 503 (with Retry-After) while loading or draining."""
+    status = request.app.state.status
+    service = request.app.state.service
+    if service is None or status != "ready":
+        raise ApiError(503, f"service is {status}", code=status)
+    return service
+
+
+async def require_api_key(request: Request) -> None:
+    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>`, else 401."""
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    expected = key.get_secret_value().encode()
+    offered = []
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        offered.append(token.strip())
+    if "x-api-key" in request.headers:
+        offered.append(request.headers["x-api-key"].strip())
+    # compare_digest on bytes: constant time, and no TypeError for non-ASCII input.
+    if not any(hmac.compare_digest(value.encode(), expected) for value in offered):
+        raise ApiError(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+ReadyService = Annotated[Service, Depends(ready_service)]
+
+
+async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows of probabilities through the shared batcher; queue full → 503, backend error → 500."""
+    assert service.batcher is not None
+    try:
+        return await service.batcher.predict_many(images)
+    except Overloaded as exc:
+        raise ApiError(503, str(exc), code="overloaded") from None
+    except InferenceFailed:
+        raise ApiError(500, "inference failed", code="inference_failed") from None
+
+
+def deadline_exceeded(timeout_s: float) -> ApiError:
+    return ApiError(504, f"request did not finish within {timeout_s:g} s")
+
+
+# ---- /predict --------------------------------------------------------------------------------
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    format: str
+    artifact: str
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    filename: str | None
+    label: str
+    score: float
+    top_k: list[LabelScore]
+
+
+class Timings(BaseModel):
+    decode: float
+    queue_and_inference: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+    timings_ms: Timings
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"Multipart form with one or more `{FILE_FIELD}` parts (one prediction "
+        "each, in order), or the raw image bytes with an `image/*` Content-Type.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                    "required": [FILE_FIELD],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def top_predictions(labels: list[str], row: np.ndarray, k: int) -> list[dict[str, Any]]:
+    order = np.argsort(-row, kind="stable")[:k]
+    return [{"label": labels[i], "score": float(row[i])} for i in order]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_api_key)],
+    openapi_extra=PREDICT_BODY,
+    responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504),
+    tags=["predict"],
+)
+async def predict(
+    request: Request,
+    service: ReadyService,
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, description="How many labels to return per image (1..number of labels)."),
+    ] = None,
+) -> dict[str, Any]:
+    """Classify the uploaded image(s)."""
+    started = time.perf_counter()
+    settings = service.settings
+    labels = service.card.labels
+    k = min(DEFAULT_TOP_K, len(labels)) if top_k is None else top_k
+    if k > len(labels):
+        raise ApiError(422, f"query.top_k: must be between 1 and {len(labels)} (number of labels)")
+    assert service.decoder is not None
+    timeout = asyncio.timeout(settings.request_timeout_s)
+    try:
+        async with timeout:
+            uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+            decode_started = time.perf_counter()
+            images = await service.decoder.decode(uploads)
+            infer_started = time.perf_counter()
+            rows = await classify(service, images)
+    except TimeoutError:
+        if timeout.expired():
+            raise deadline_exceeded(settings.request_timeout_s) from None
+        raise
+    done = time.perf_counter()
+    predictions = []
+    for upload, row in zip(uploads, rows, strict=True):
+        top = top_predictions(labels, row, k)
+        predictions.append({"filename": upload.filename, **top[0], "top_k": top})
+    return {
+        "model": service.model_ref(),
+        "predictions": predictions,
+        "timings_ms": {
+            "decode": round((infer_started - decode_started) * 1000, 3),
+            "queue_and_inference": round((done - infer_started) * 1000, 3),
+            "total": round((done - started) * 1000, 3),
+        },
+    }
+
+
+# ---- health ----------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    version: str
+    format: str
+    artifact: str
+    uptime_s: float
+    queue_depth: int
+
+
+def _health(service: Service) -> dict[str, Any]:
+    assert service.batcher is not None
+    return {
+        "status": "ready",
+        "model": service.card.name,
+        "version": service.card.version,
+        "format": service.format,
+        "artifact": service.artifact.file,
+        "uptime_s": round(time.monotonic() - service.started, 3),
+        "queue_depth": service.batcher.depth,
+    }
+
+
+@router.get("/health", response_model=Health, responses=error_responses(503), tags=["health"])
+async def health(service: ReadyService) -> dict[str, Any]:
+    """200 when the model is loaded and warmed; 503 (JSON error, Retry-After) otherwise."""
+    return _health(service)
+
+
+@router.get("/health/ready", response_model=Health, responses=error_responses(503), tags=["health"])
+async def health_ready(service: ReadyService) -> dict[str, Any]:
+    """Readiness probe: the same answer as /health."""
+    return _health(service)
+
+
+@router.get("/health/live", tags=["health"])
+async def health_live(request: Request) -> dict[str, str]:
+    """Liveness probe: 200 whenever the process answers, whatever the model's state."""
+    return {"status": "alive", "state": request.app.state.status}
+
+
+# ---- model info, metrics ---------------------------------------------------------------------
+
+
+@router.get("/model-info", responses=error_responses(503), tags=["model"])
+async def model_info(service: ReadyService) -> dict[str, Any]:
+    """The model.json facts, the served artifact, runtime versions and batching settings."""
+    card, settings = service.card, service.settings
+    return {
+        "name": card.name,
+        "version": card.version,
+        "architecture": card.architecture,
+        "variant": card.variant,
+        "parameters": card.parameters,
+        "labels": card.labels,
+        "input": card.input.model_dump(),
+        "output": card.output,
+        "preprocessing": card.preprocessing,
+        "training": card.training,
+        "metrics": card.metrics,
+        "artifacts": [artifact.model_dump() for artifact in card.artifacts],
+        "default_artifacts": card.default_artifacts,
+        "created": card.created,
+        "built_with": card.versions,
+        "served": {
+            "format": service.format,
+            "artifact": service.artifact.file,
+            "quantization": service.artifact.quantization,
+            "sha256": service.artifact.sha256,
+            "bytes": service.artifact.bytes,
+        },
+        "runtime": service.runtime,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "queue_limit": settings.queue_limit,
+            "inference_threads": settings.inference_threads,
+            "decode_threads": settings.decode_threads,
+        },
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_files": settings.max_files,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "auth_required": settings.api_key is not None,
+    }
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    registry = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)

@@ -1,0 +1,97 @@
+"""The loaded model and its helpers: what the lifespan builds and the routes use."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from app.artifacts import Artifact, ArtifactError, ModelCard, load_model_card
+from app.backends import Backend, check_shapes, open_backend
+from app.batcher import Batcher
+from app.decoding import Decoder
+from app.settings import Settings
+
+
+@dataclass
+class Service:
+    """Everything the lifespan loads; `app.state.service` once the model is up."""
+
+    settings: Settings
+    card: ModelCard
+    artifact: Artifact
+    artifact_path: Path
+    backend: Backend
+    runtime: dict[str, str]
+    batcher: Batcher | None = None
+    decoder: Decoder | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return self.card.input.height
+
+    @property
+    def format(self) -> str:
+        return self.settings.model_format
+
+    def model_ref(self) -> dict[str, str]:
+        return {
+            "name": self.card.name,
+            "version": self.card.version,
+            "format": self.format,
+            "artifact": self.artifact.file,
+        }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def runtime_versions(fmt: str) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for dist in ("pillow", "fastapi"):
+        versions[dist] = _version(dist) or "unknown"
+    if fmt == "tflite":
+        versions["ai-edge-litert"] = _version("ai-edge-litert") or "unknown"
+    else:
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    return versions
+
+
+def load_service(settings: Settings) -> Service:
+    """Verify the model directory, open the backend, check shapes, warm up. Blocking."""
+    model_dir = Path(settings.model_dir)
+    card = load_model_card(model_dir, verify=True)
+    artifact = card.artifact(settings.model_format, settings.artifact)
+    if card.input.height != card.input.width:
+        raise ArtifactError(
+            f"{model_dir / 'model.json'}: input {card.input.height}x{card.input.width} "
+            "is not square; the serving resize rule needs a square input"
+        )
+    path = model_dir / artifact.file
+    backend = open_backend(settings.model_format, path, settings.inference_threads)
+    check_shapes(backend, card.input.height, card.input.width, len(card.labels), path)
+    size = card.input.height
+    # Every batch size the batcher can form, so no request pays for a first-use allocation.
+    for batch in range(min(settings.max_batch_size, 16), 0, -1):
+        probabilities = backend.predict(np.zeros((batch, size, size, 3), dtype=np.uint8))
+        if probabilities.shape != (batch, len(card.labels)) or not np.isfinite(probabilities).all():
+            raise ArtifactError(f"{path}: warm-up batch of {batch} gave {probabilities.shape}")
+    return Service(
+        settings=settings,
+        card=card,
+        artifact=artifact,
+        artifact_path=path,
+        backend=backend,
+        runtime=runtime_versions(settings.model_format),
+    )

@@ -1,0 +1,87 @@
+"""Service settings: one pydantic-settings class, every field read from a `MOBILEVIT_*` variable.
+
+`MOBILEVIT_MODEL_DIR=/models/other MOBILEVIT_MAX_BATCH_SIZE=16 uvicorn app.main:app` is the whole
+configuration story; each field's docstring is its documentation (also in `Settings.model_fields`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flowers-mobilevit-xxs"
+
+
+class Settings(BaseSettings):
+    """How the service loads its model, batches, bounds its inputs and guards `/predict`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOBILEVIT_",
+        extra="ignore",
+        protected_namespaces=(),
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    model_dir: Path = DEFAULT_MODEL_DIR
+    """Model directory holding `model.json` and its artifacts (default: the shipped model)."""
+
+    model_format: Literal["tflite", "savedmodel"] = "tflite"
+    """Which artifact kind to serve: `tflite` (LiteRT, no TensorFlow) or `savedmodel`."""
+
+    artifact: str | None = None
+    """Artifact file inside the directory (e.g. `model_int8.tflite`); default: the card's default
+    for the format."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    """Most images the batcher runs in one backend call; 1 turns batching off."""
+
+    max_batch_wait_ms: float = Field(default=2.0, ge=0, le=10_000)
+    """How long the batcher waits after the first queued image for more to fill the batch."""
+
+    queue_limit: int = Field(default=256, ge=1)
+    """Images that may wait for inference; beyond it requests get 503 with `Retry-After`."""
+
+    inference_threads: int = Field(default=2, ge=1)
+    """Threads the backend (LiteRT interpreter or TensorFlow intra-op pool) may use."""
+
+    decode_threads: int = Field(default=2, ge=1)
+    """Threads decoding and resizing uploaded images, off the event loop."""
+
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    """Largest request body accepted (bytes); larger gets 413 before it is buffered."""
+
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest image (width x height) decoded; checked from the header, larger gets 413."""
+
+    max_files: int = Field(default=16, ge=1)
+    """Most images in one request (multipart parts or v2 batch rows); more gets 413."""
+
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline for one request (body, decode, queue and inference); past it the answer is 504."""
+
+    api_key: SecretStr | None = None
+    """If set, `/predict` and v2 `infer` need `Authorization: Bearer <key>` or `X-API-Key: <key>`;
+    health, metrics and model-info stay open. Unset or empty: no authentication."""
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("artifact", mode="before")
+    @classmethod
+    def _empty_artifact_is_default(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0

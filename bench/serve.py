@@ -1,0 +1,152 @@
+"""HTTP throughput and latency of the running service against the in-process ceiling.
+
+    python -m bench.serve --model models/flowers-mobilevit-xxs
+
+Starts `uvicorn app.main:app` on 127.0.0.1 with batching on and off, drives it with wrk (one
+load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients, and
+prints throughput, p50/p99 latency and errors next to the ceiling: decode + resize + inference of
+the same photos in a plain in-process loop on all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from app.artifacts import load_model_card
+from app.backends import open_backend
+from app.imaging import preprocess_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PHOTOS = ROOT.parent / "shared/datasets/flower_photos"
+
+
+def photo_files(folder: Path, count: int) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*.jpg"))
+    return files[:: max(1, len(files) // count)][:count]
+
+
+def ceiling(model_dir: Path, artifact, blobs: list[bytes], size: int, seconds: float) -> float:
+    """Best images/s of decode + resize + inference in-process: one loop with 2 interpreter
+    threads, or one loop per core with a 1-thread interpreter each."""
+    path = model_dir / artifact.file
+
+    def loop(backend, stop: float, counts: list[int], slot: int) -> None:
+        i = 0
+        while time.perf_counter() < stop:
+            backend.predict(preprocess_bytes(blobs[i % len(blobs)], size)[None])
+            i += 1
+        counts[slot] = i
+
+    best = 0.0
+    cpus = os.cpu_count() or 1
+    for workers, threads in ((1, cpus), (cpus, 1)):
+        backends = [open_backend(artifact.format, path, threads) for _ in range(workers)]
+        for b in backends:
+            b.predict(preprocess_bytes(blobs[0], size)[None])
+        counts = [0] * workers
+        start = time.perf_counter()
+        pool = [threading.Thread(target=loop, args=(b, start + seconds, counts, k))
+                for k, b in enumerate(backends)]  # fmt: skip
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        best = max(best, sum(counts) / (time.perf_counter() - start))
+    return best
+
+
+def start_server(port: int, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+    proc.kill()
+    raise SystemExit("server did not become ready in 120 s")
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
+    env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos)}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+         "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{port}/predict"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    result["p50"] = _ms(re.search(r"50%\s+(\S+)", out).group(1))
+    result["p99"] = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result["errors"] = (int(non2xx.group(1)) if non2xx else 0) + (
+        sum(int(g) for g in sock.groups()) if sock else 0
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models/flowers-mobilevit-xxs")
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    p.add_argument("--clients", default="1,4,16,64")
+    p.add_argument("--seconds", type=int, default=10, help="wrk duration per cell")
+    p.add_argument("--max-batch", type=int, default=8, help="MAX_BATCH_SIZE with batching on")
+    p.add_argument("--port", type=int, default=8765)
+    args = p.parse_args(argv)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+
+    card = load_model_card(args.model)
+    artifact = card.artifact("tflite")
+    photos = photo_files(args.photos, 64)
+    blobs = [f.read_bytes() for f in photos]
+    limit = ceiling(args.model, artifact, blobs, card.input.height, 5.0)
+    print(f"model {card.name} ({artifact.file}) at {card.input.height} px; {os.cpu_count()} CPUs; "
+          f"{len(photos)} real JPEG photos; wrk -t1, {args.seconds} s per cell")  # fmt: skip
+    print(f"in-process ceiling (decode + resize + inference, all cores): {limit:.1f} img/s\n")
+    print(f"{'batching':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'of ceiling':>12}")  # fmt: skip
+    modes = {"on": {"MOBILEVIT_MAX_BATCH_SIZE": str(args.max_batch)},
+             "off": {"MOBILEVIT_MAX_BATCH_SIZE": "1"}}  # fmt: skip
+    for mode, env in modes.items():
+        env = {**env, "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
+               "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
+        server = start_server(args.port, env)
+        try:
+            for clients in (int(c) for c in args.clients.split(",")):
+                r = run_wrk(args.port, clients, args.seconds, photos)
+                print(f"{mode:<10}{clients:>8}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}"
+                      f"{r['errors']:>8}{r['rps'] / limit:>12.2f}")  # fmt: skip
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())

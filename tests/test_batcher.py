@@ -1,0 +1,276 @@
+"""The batcher on its own, with fake backends: batching, bounds, errors, cancellation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.batcher import Batcher, InferenceFailed, Overloaded
+
+pytest_plugins = ["tests.serving_fixtures"]
+pytestmark = pytest.mark.anyio
+
+POISON = 13
+
+
+def image(value: int) -> np.ndarray:
+    return np.full((2, 2, 3), value, dtype=np.uint8)
+
+
+class FakeBackend:
+    """Row i of the answer is [value of image i, batch size]; POISON makes the batch raise."""
+
+    def __init__(self, gate: threading.Event | None = None, delay: float = 0.0):
+        self.gate = gate
+        self.delay = delay
+        self.calls: list[list[int]] = []
+        self.entered = threading.Event()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        assert images.shape[1:] == (2, 2, 3)  # N x [H, W, 3] stacked
+        values = [int(v) for v in images[:, 0, 0, 0]]
+        self.calls.append(values)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test never opened the gate"
+        if self.delay:
+            time.sleep(self.delay)
+        if POISON in values:
+            raise RuntimeError("poisoned batch")
+        return np.array([[v, len(values)] for v in values], dtype=np.float32)
+
+
+async def started(backend: FakeBackend, **options) -> Batcher:
+    batcher = Batcher(backend.predict, **options)
+    batcher.start()
+    return batcher
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.005)
+
+
+async def test_each_caller_gets_its_own_row_in_full_batches():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=4, max_wait_s=0.05)
+    try:
+        rows = await batcher.predict_many([image(v) for v in range(10)])
+    finally:
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == list(range(10))
+    assert backend.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batcher.stats.batch_sizes == {4: 2, 2: 1}
+    assert batcher.stats.images == 10 and batcher.stats.batches == 3
+
+
+async def test_concurrent_callers_share_batches():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=8, max_wait_s=0.2)
+    try:
+        rows = await asyncio.gather(*(batcher.submit(image(v)) for v in range(8)))
+    finally:
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == list(range(8))
+    assert backend.calls == [list(range(8))]  # a full batch goes at once, not after the wait
+
+
+async def test_waits_at_most_max_wait_after_the_first_item():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=8, max_wait_s=0.15)
+    try:
+        start = time.perf_counter()
+        first = batcher.submit(image(1))
+        await asyncio.sleep(0.03)
+        second = batcher.submit(image(2))  # arrives inside the window: same batch
+        await asyncio.gather(first, second)
+        elapsed = time.perf_counter() - start
+    finally:
+        await batcher.close()
+    assert backend.calls == [[1, 2]]
+    assert 0.12 <= elapsed < 1.0, elapsed  # the window is counted from the first item
+
+
+async def test_no_wait_and_batching_off():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=1, max_wait_s=0.0)
+    try:
+        start = time.perf_counter()
+        rows = await asyncio.gather(*(batcher.submit(image(v)) for v in range(5)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == list(range(5))
+    assert all(len(call) == 1 for call in backend.calls)
+    assert elapsed < 1.0
+
+
+async def test_full_queue_raises_overloaded_at_once():
+    gate = threading.Event()
+    backend = FakeBackend(gate)
+    batcher = await started(backend, max_batch_size=1, max_wait_s=0.0, queue_limit=3)
+    try:
+        busy = batcher.submit(image(0))
+        await asyncio.to_thread(backend.entered.wait, 5)  # the worker holds item 0
+        waiting = [batcher.submit(image(v)) for v in (1, 2, 3)]
+        assert batcher.depth == 3
+        start = time.perf_counter()
+        with pytest.raises(Overloaded, match="queue is full"):
+            batcher.submit(image(4))
+        with pytest.raises(Overloaded):
+            batcher.submit_many([image(5), image(6)])  # all or nothing
+        assert time.perf_counter() - start < 0.1
+        assert batcher.depth == 3 and batcher.stats.rejected == 3
+        gate.set()
+        rows = await asyncio.gather(busy, *waiting)
+    finally:
+        gate.set()
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+
+
+async def test_a_failing_batch_fails_only_its_own_callers():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=2, max_wait_s=0.05)
+    try:
+        futures = batcher.submit_many([image(POISON), image(1), image(2), image(3)])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        after = await batcher.submit(image(4))  # the worker is still alive
+    finally:
+        await batcher.close()
+    assert backend.calls[:2] == [[POISON, 1], [2, 3]]
+    assert all(isinstance(r, InferenceFailed) for r in results[:2])
+    assert "RuntimeError" in str(results[0])
+    assert [int(r[0]) for r in results[2:]] == [2, 3]
+    assert int(after[0]) == 4
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_wrong_output_shape_fails_the_batch():
+    batcher = Batcher(lambda images: np.zeros((1, 3), np.float32), max_wait_s=0.01)
+    batcher.start()
+    try:
+        futures = batcher.submit_many([image(1), image(2)])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(r, InferenceFailed) for r in results)
+    finally:
+        await batcher.close()
+
+
+async def test_cancelled_items_are_skipped_without_breaking_others():
+    gate = threading.Event()
+    backend = FakeBackend(gate)
+    batcher = await started(backend, max_batch_size=4, max_wait_s=0.0)
+    try:
+        busy = batcher.submit(image(0))
+        await asyncio.to_thread(backend.entered.wait, 5)
+        gone, kept = batcher.submit(image(1)), batcher.submit(image(2))
+        gone.cancel()  # its caller hit the deadline or disconnected
+        gate.set()
+        assert int((await kept)[0]) == 2
+        await busy
+    finally:
+        gate.set()
+        await batcher.close()
+    assert backend.calls == [[0], [2]]
+    assert batcher.stats.skipped_cancelled == 1
+
+
+async def test_cancelling_a_caller_cancels_its_queued_items():
+    gate = threading.Event()
+    backend = FakeBackend(gate)
+    batcher = await started(backend, max_batch_size=1, max_wait_s=0.0)
+    try:
+        busy = batcher.submit(image(0))
+        await asyncio.to_thread(backend.entered.wait, 5)
+        caller = asyncio.create_task(batcher.predict_many([image(1), image(2)]))
+        await wait_until(lambda: batcher.depth == 2)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await asyncio.shield(caller)
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        gate.set()
+        await busy
+        assert int((await batcher.submit(image(3)))[0]) == 3
+    finally:
+        gate.set()
+        await batcher.close()
+    assert backend.calls == [[0], [3]]
+
+
+async def test_close_stops_accepting_then_drains_queued_work():
+    gate = threading.Event()
+    backend = FakeBackend(gate)
+    batcher = await started(backend, max_batch_size=2, max_wait_s=0.0)
+    futures = [batcher.submit(image(v)) for v in range(5)]
+    await asyncio.to_thread(backend.entered.wait, 5)
+    closing = asyncio.create_task(batcher.close(timeout=10))
+    await asyncio.sleep(0.01)
+    assert not batcher.accepting
+    with pytest.raises(Overloaded, match="shutting down"):
+        batcher.submit(image(9))
+    assert not closing.done()
+    gate.set()
+    await closing
+    rows = [future.result() for future in futures]
+    assert [int(r[0]) for r in rows] == list(range(5))
+
+
+async def test_close_with_a_stuck_backend_fails_the_rest_after_the_timeout():
+    gate = threading.Event()
+    backend = FakeBackend(gate)
+    batcher = await started(backend, max_batch_size=1, max_wait_s=0.0)
+    try:
+        futures = [batcher.submit(image(v)) for v in range(3)]
+        await asyncio.to_thread(backend.entered.wait, 5)
+        await batcher.close(timeout=0.1)
+        for future in futures[1:]:
+            assert isinstance(future.exception(), Overloaded)
+    finally:
+        gate.set()  # let the stuck thread finish
+
+
+async def test_submit_before_start_and_bad_options():
+    batcher = Batcher(FakeBackend().predict)
+    with pytest.raises(Overloaded, match="not started"):
+        batcher.submit(image(1))
+    with pytest.raises(ValueError):
+        Batcher(FakeBackend().predict, max_batch_size=0)
+    with pytest.raises(ValueError):
+        Batcher(FakeBackend().predict, queue_limit=0)
+
+
+async def test_a_broken_batch_hook_does_not_break_inference():
+    def hook(size: int, seconds: float, failed: bool) -> None:
+        raise RuntimeError("metrics down")
+
+    batcher = Batcher(FakeBackend().predict, max_wait_s=0.0, on_batch=hook)
+    batcher.start()
+    try:
+        assert int((await batcher.submit(image(7)))[0]) == 7
+    finally:
+        await batcher.close()
+
+
+async def test_hook_sees_sizes_times_and_failures():
+    seen = []
+    batcher = Batcher(
+        FakeBackend().predict,
+        max_batch_size=3,
+        max_wait_s=0.05,
+        on_batch=lambda size, seconds, failed: seen.append((size, failed, seconds >= 0)),
+    )
+    batcher.start()
+    try:
+        await asyncio.gather(*batcher.submit_many([image(1), image(2), image(3)]))
+        await asyncio.gather(batcher.submit(image(POISON)), return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert seen == [(3, False, True), (1, True, True)]
