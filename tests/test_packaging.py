@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -96,5 +97,7 @@ def test_image_command_serves_a_model(tiny_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-    assert proc.returncode == 0  # clean shutdown on SIGTERM
+    # uvicorn shuts down cleanly, then re-raises SIGTERM on itself: -15 here, 0 as PID 1 in a
+    # container (where the signal's default action does not apply).
+    assert proc.returncode in (0, -signal.SIGTERM)
     assert not list(srv.rglob("*.pyc"))  # PYTHONDONTWRITEBYTECODE: fine on a read-only root

@@ -358,7 +358,8 @@ def train(args: argparse.Namespace) -> dict:
         model = keras.models.load_model(run_dir / "last.keras")
         # The schedule is a function of the optimizer's step count: rebuilding it for the
         # (possibly changed) epoch total continues the same warm-up + cosine curve.
-        model.optimizer.learning_rate = make_optimizer(cfg, len(batches)).learning_rate
+        # Keras refuses to *set* a schedule through the public property; the attribute holds it.
+        model.optimizer._learning_rate = make_optimizer(cfg, len(batches))._learning_rate
         batches.epoch = initial_epoch
         batches._order = batches._shuffled()
         log.info("resuming at epoch %d of %d", initial_epoch + 1, cfg["epochs"])
