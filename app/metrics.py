@@ -65,11 +65,6 @@ class Metrics:
         self.failed_batches = Counter(
             "mobilevit_inference_failures", "Backend calls that raised.", registry=r
         )
-        self.rejected = Counter(
-            "mobilevit_rejected_images",
-            "Images refused because the queue was full or the service was draining.",
-            registry=r,
-        )
         self.ready = Gauge(
             "mobilevit_ready", "1 when the model is loaded, warmed and serving.", registry=r
         )

@@ -40,8 +40,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1, le=1024)
     """Most images the batcher runs in one backend call; 1 turns batching off."""
 
-    max_batch_wait_ms: float = Field(default=2.0, ge=0, le=10_000)
-    """How long the batcher waits after the first queued image for more to fill the batch."""
+    max_batch_wait_ms: float = Field(default=0.0, ge=0, le=10_000)
+    """How long the batcher waits after the first queued image for more to fill the batch.
+    0 (default): greedy batching, taking whatever queued while the previous batch ran, so a lone
+    request never waits and batches still grow under load (bench/serve.py measured both)."""
 
     queue_limit: int = Field(default=256, ge=1)
     """Images that may wait for inference; beyond it requests get 503 with `Retry-After`."""

@@ -86,8 +86,8 @@ def start_server(port: int, env: dict) -> subprocess.Popen:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
 def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
@@ -98,8 +98,8 @@ def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
         capture_output=True, text=True, env=env, check=True,
     ).stdout  # fmt: skip
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
-    result["p50"] = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    result["p99"] = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1))
+    result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["errors"] = (int(non2xx.group(1)) if non2xx else 0) + (

@@ -60,7 +60,7 @@ def test_settings_defaults_and_environment(monkeypatch):
     assert (settings.model_format, settings.artifact) == ("tflite", None)
     assert (settings.max_batch_size, settings.max_batch_wait_ms, settings.queue_limit) == (
         8,
-        2,
+        0,
         256,
     )
     assert (settings.inference_threads, settings.decode_threads) == (2, 2)
