@@ -56,10 +56,12 @@ export: $(VENV)/.dev
 evaluate: $(VENV)/.dev
 	$(PY) -m training.evaluate $(MODEL) $(DATA) --format tflite
 
+# Needs wrk (apt-get install wrk) for the HTTP runs; prints the tables quoted in README.
 bench: $(VENV)/.dev
-	$(PY) -m bench.inference --model $(MODEL)
-	$(PY) -m bench.serve --model $(MODEL)
-	$(PY) -m bench.train_speed
+	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
+	$(PY) -m bench.serve --model $(MODEL) --seconds 8
+	$(PY) -m bench.soak --model $(MODEL)
+	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     print(f"model {card.name} at {card.input.height} px, {len(photos)} real photos, "
-          f"{os.cpu_count()} CPUs, {args.seconds:.0f} s per cell")  # fmt: skip
+          f"{os.cpu_count()} CPUs, {args.seconds:g} s per cell")  # fmt: skip
     print(f"\n{'artifact':<22}{'quant':<15}{'val top-1':>10}{'thr':>5}{'batch':>7}"
           f"{'img/s':>9}{'p50 ms':>9}")  # fmt: skip
     results = {}
