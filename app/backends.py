@@ -88,11 +88,10 @@ class TFLiteBackend:
                 if len(self._interpreters) >= self.max_interpreters:
                     self._interpreters.pop(next(iter(self._interpreters)))
                 interpreter = self._interpreters[batch] = self._make(batch)
-            in_index = interpreter.get_input_details()[0]["index"]
-            out_index = interpreter.get_output_details()[0]["index"]
-            interpreter.set_tensor(in_index, self._quantize(images))
+            # Tensor indices are the same in every interpreter of one model file.
+            interpreter.set_tensor(self._input["index"], self._quantize(images))
             interpreter.invoke()
-            return self._dequantize(interpreter.get_tensor(out_index))
+            return self._dequantize(interpreter.get_tensor(self._output["index"]))
 
     def _quantize(self, images: np.ndarray) -> np.ndarray:
         dtype = self.input_dtype

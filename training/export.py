@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from app.artifacts import ModelCard, describe_artifact, write_card
+from app.artifacts import ModelCard, describe_artifact, size_of, write_card
 from app.backends import SavedModelBackend, TFLiteBackend, check_shapes
 from app.imaging import RESIZE_RULE, preprocess_file
 
@@ -240,8 +240,6 @@ def _evaluate(file, fmt, quantization, backend, images, reference, labels, tmp) 
     probs, latency = _timed_predict(backend.predict, images)
     row = {"file": file, "format": fmt, "quantization": quantization, "latency_ms": latency,
            **_score(probs, reference, labels)}  # fmt: skip
-    from app.artifacts import size_of
-
     row["bytes"] = size_of(tmp / file)
     if quantization == "float32":
         row["parity_ok"] = row["max_abs_diff"] <= FLOAT_TOLERANCE
