@@ -8,7 +8,7 @@ DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
 
-.PHONY: serve test test-slow lint format train export evaluate bench bench-serve install install-dev clean
+.PHONY: serve test test-slow lint format train export evaluate bench install install-dev clean
 
 # Serving extras only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow).
 $(VENV)/.serve: pyproject.toml

@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="validate and keep the exponential moving average of the weights",
+        help="ship the exponential moving average of the weights (final.keras)",
     )
     p.add_argument("--ema-momentum", type=float, default=0.998)
     p.add_argument("--transformer-dropout", type=float, default=0.0)
