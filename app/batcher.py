@@ -1,19 +1,25 @@
 """Dynamic batching: many concurrent requests, one backend call per batch.
 
-Callers `submit` one image at a time and await a future. One worker task takes the first waiting
-image, waits at most `max_wait_s` from that image's arrival for the batch to fill up to
-`max_batch_size`, stacks the batch ([N, H, W, 3]) and runs `predict` in a single-thread executor,
-off the event loop. Every future of the batch gets its own row, or, when `predict` raises, the
-same `InferenceFailed`; the worker then goes on with the next batch.
+Callers `submit` one image at a time and await a future. A dispatcher task takes the first
+waiting image, waits at most `max_wait_s` from that image's arrival for the batch to fill up to
+`max_batch_size`, stacks the batch ([N, H, W, 3]) and runs it on an idle replica (one
+`predict` callable per inference worker, each in its own thread, off the event loop). With one
+replica a batch forms only while the previous one runs, so batches grow with the load. Every
+future of the batch gets its own row, or, when `predict` raises, the same `InferenceFailed`;
+the dispatcher then goes on with the next batch.
+
+Several replicas (INFERENCE_WORKERS) run batches concurrently: on a small CPU two single-thread
+interpreters keep both cores busy even while decoding takes a slice of one of them, whereas one
+interpreter split over both cores stalls whenever either core is taken (bench/serve.py).
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
-up (deadline, client gone) cancels its future; the worker skips cancelled items. `close()` stops
-accepting, finishes what is queued, then stops the worker.
+up (deadline, client gone) cancels its future; the dispatcher skips cancelled items. `close()`
+stops accepting, finishes what is queued and running, then stops the dispatcher.
 
-The queue is a deque plus an event rather than `asyncio.Queue`, so the worker can look at the
-first item's arrival time and the depth without taking items out, and a timed wait can never
-lose an item.
+The queue is a deque plus an event rather than `asyncio.Queue`, so the dispatcher can look at
+the first item's arrival time and the depth without taking items out, and a timed wait can
+never lose an item.
 """
 
 from __future__ import annotations
@@ -63,20 +69,26 @@ class BatcherStats:
 class Batcher:
     def __init__(
         self,
-        predict: Predict,
+        predict: Predict | Sequence[Predict],
         *,
         max_batch_size: int = 8,
         max_wait_s: float = 0.002,
         queue_limit: int = 256,
         on_batch: BatchHook | None = None,
     ):
-        if max_batch_size < 1 or queue_limit < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and queue_limit must be >= 1, max_wait_s >= 0")
+        replicas = [predict] if callable(predict) else list(predict)
+        if not replicas or max_batch_size < 1 or queue_limit < 1 or max_wait_s < 0:
+            raise ValueError(
+                "need a predict callable; max_batch_size and queue_limit >= 1, max_wait_s >= 0"
+            )
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.stats = BatcherStats()
-        self._predict = predict
+        self._replicas = replicas
+        self._idle = collections.deque(range(len(replicas)))  # indices of replicas not running
+        self._slots = asyncio.Semaphore(len(replicas))
+        self._running: set[asyncio.Task] = set()
         self._on_batch = on_batch
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -90,7 +102,9 @@ class Batcher:
     def start(self) -> None:
         if self._worker is not None:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(
+            max_workers=len(self._replicas), thread_name_prefix="inference"
+        )
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
         self._worker.add_done_callback(self._worker_done)
         self._accepting = True
@@ -127,6 +141,10 @@ class Batcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    @property
+    def workers(self) -> int:
+        return len(self._replicas)
 
     @property
     def accepting(self) -> bool:
@@ -175,12 +193,33 @@ class Batcher:
     # ---- worker ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                await self._run_batch(batch)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._slots.acquire()  # an idle replica, before the batch is formed
+                batch = await self._next_batch()
+                if not batch:
+                    self._slots.release()
+                    if batch is None:
+                        return
+                    continue
+                replica = self._idle.popleft()
+                task = loop.create_task(self._run_batch(batch, self._replicas[replica]))
+                self._running.add(task)
+                task.add_done_callback(lambda t, r=replica: self._batch_done(t, r))
+        except asyncio.CancelledError:  # forced stop: running batches fail now, not later
+            for task in self._running:
+                task.cancel()
+            raise
+        finally:
+            # Drain: batches already handed to a replica finish (or fail) before we stop.
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _batch_done(self, task: asyncio.Task, replica: int) -> None:
+        self._running.discard(task)
+        self._idle.append(replica)
+        self._slots.release()
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait for a first item, then up to `max_wait_s` (from its arrival) for a full batch."""
@@ -210,15 +249,20 @@ class Batcher:
             batch.append(item)
         return batch
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, batch: list[_Item], predict: Predict) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
             images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
-            outputs = await loop.run_in_executor(self._executor, self._predict, images)
+            outputs = await loop.run_in_executor(self._executor, predict, images)
             outputs = np.asarray(outputs)
             if outputs.ndim != 2 or outputs.shape[0] != len(batch):
                 raise ValueError(f"backend returned shape {outputs.shape} for {len(batch)} images")
+        except asyncio.CancelledError:  # forced stop: nobody may wait on these forever
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(Overloaded("service is shutting down"))
+            raise
         except Exception as exc:  # whatever the backend raises fails this batch, and only it
             seconds = time.perf_counter() - started
             logger.error("inference failed for a batch of %d", len(batch), exc_info=exc)

@@ -54,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
     )
     service.batcher = Batcher(
-        service.backend.predict,
+        [replica.predict for replica in service.replicas],
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_s,
         queue_limit=settings.queue_limit,

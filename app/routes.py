@@ -263,6 +263,7 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "max_batch_wait_ms": settings.max_batch_wait_ms,
             "queue_limit": settings.queue_limit,
+            "inference_workers": settings.inference_workers,
             "inference_threads": settings.inference_threads,
             "decode_threads": settings.decode_threads,
         },

@@ -27,6 +27,9 @@ class Service:
     artifact_path: Path
     backend: Backend
     runtime: dict[str, str]
+    #: One backend per inference worker (TFLite interpreters are not thread-safe; a TensorFlow
+    #: SavedModel is, so its workers share one).
+    replicas: list[Backend] = field(default_factory=list)
     batcher: Batcher | None = None
     decoder: Decoder | None = None
     started: float = field(default_factory=time.monotonic)
@@ -68,6 +71,14 @@ def runtime_versions(fmt: str) -> dict[str, str]:
     return versions
 
 
+def _warm_up(backend: Backend, size: int, num_labels: int, max_batch: int, path: Path) -> None:
+    """Every batch size the batcher can form, so no request pays for a first-use allocation."""
+    for batch in range(min(max_batch, 16), 0, -1):
+        probabilities = backend.predict(np.zeros((batch, size, size, 3), dtype=np.uint8))
+        if probabilities.shape != (batch, num_labels) or not np.isfinite(probabilities).all():
+            raise ArtifactError(f"{path}: warm-up batch of {batch} gave {probabilities.shape}")
+
+
 def load_service(settings: Settings) -> Service:
     """Verify the model directory, open the backend, check shapes, warm up. Blocking."""
     model_dir = Path(settings.model_dir)
@@ -81,12 +92,14 @@ def load_service(settings: Settings) -> Service:
     path = model_dir / artifact.file
     backend = open_backend(settings.model_format, path, settings.inference_threads)
     check_shapes(backend, card.input.height, card.input.width, len(card.labels), path)
-    size = card.input.height
-    # Every batch size the batcher can form, so no request pays for a first-use allocation.
-    for batch in range(min(settings.max_batch_size, 16), 0, -1):
-        probabilities = backend.predict(np.zeros((batch, size, size, 3), dtype=np.uint8))
-        if probabilities.shape != (batch, len(card.labels)) or not np.isfinite(probabilities).all():
-            raise ArtifactError(f"{path}: warm-up batch of {batch} gave {probabilities.shape}")
+    replicas = [backend]
+    for _ in range(settings.inference_workers - 1):
+        shared = settings.model_format == "savedmodel"
+        replicas.append(
+            backend if shared else open_backend("tflite", path, settings.inference_threads)
+        )
+    for replica in {id(r): r for r in replicas}.values():
+        _warm_up(replica, card.input.height, len(card.labels), settings.max_batch_size, path)
     return Service(
         settings=settings,
         card=card,
@@ -94,4 +107,5 @@ def load_service(settings: Settings) -> Service:
         artifact_path=path,
         backend=backend,
         runtime=runtime_versions(settings.model_format),
+        replicas=replicas,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,11 @@ FORMATS = ("tflite", "savedmodel")
 LABELS = ("blue", "green", "red")
 SOLID = {"blue": (30, 60, 220), "green": (40, 190, 60), "red": (220, 40, 40)}
 ERROR_KEYS = {"error", "status", "code"}
+
+
+def wrap_replicas(monkeypatch, batcher, wrap: Callable[[Callable], Callable]) -> None:
+    """Swap every inference worker's predict for `wrap(real predict)` (undone by monkeypatch)."""
+    monkeypatch.setattr(batcher, "_replicas", [wrap(real) for real in batcher._replicas])
 
 
 def make_settings(model_dir: Path, fmt: str = "tflite", **overrides) -> Settings:

@@ -245,6 +245,8 @@ async def test_submit_before_start_and_bad_options():
         Batcher(FakeBackend().predict, max_batch_size=0)
     with pytest.raises(ValueError):
         Batcher(FakeBackend().predict, queue_limit=0)
+    with pytest.raises(ValueError):
+        Batcher([])
 
 
 async def test_a_broken_batch_hook_does_not_break_inference():
@@ -274,3 +276,77 @@ async def test_hook_sees_sizes_times_and_failures():
     finally:
         await batcher.close()
     assert seen == [(3, False, True), (1, True, True)]
+
+
+# ---- several inference workers (replicas) ----------------------------------------------------
+
+
+class Replica(FakeBackend):
+    """A fake backend that notes how many of its own calls overlap (must never exceed one)."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        super().__init__(gate)
+        self.inside = 0
+        self.most_inside = 0
+        self.lock = threading.Lock()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().predict(images)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+async def test_replicas_run_batches_at_the_same_time_each_one_batch_at_most():
+    gate = threading.Event()
+    replicas = [Replica(gate), Replica(gate)]
+    batcher = Batcher([r.predict for r in replicas], max_batch_size=2, max_wait_s=0.0)
+    batcher.start()
+    try:
+        futures = [batcher.submit(image(v)) for v in range(6)]
+        # Both replicas hold a batch at once while the gate is shut; the rest stays queued.
+        await asyncio.to_thread(replicas[0].entered.wait, 5)
+        await asyncio.to_thread(replicas[1].entered.wait, 5)
+        assert batcher.depth == 6 - sum(len(r.calls[0]) for r in replicas)
+        gate.set()
+        rows = await asyncio.gather(*futures)
+    finally:
+        gate.set()
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == list(range(6))  # every caller still gets its own row
+    assert all(r.most_inside == 1 for r in replicas)  # an interpreter is never shared
+    assert sorted(v for r in replicas for call in r.calls for v in call) == list(range(6))
+    assert batcher.workers == 2
+
+
+async def test_close_drains_batches_running_on_every_replica():
+    gate = threading.Event()
+    replicas = [Replica(gate), Replica(gate)]
+    batcher = Batcher([r.predict for r in replicas], max_batch_size=1, max_wait_s=0.0)
+    batcher.start()
+    futures = [batcher.submit(image(v)) for v in range(4)]
+    await asyncio.to_thread(replicas[1].entered.wait, 5)
+    closing = asyncio.create_task(batcher.close(timeout=10))
+    await asyncio.sleep(0.02)
+    assert not closing.done()  # two batches are held in the replicas
+    gate.set()
+    await closing
+    assert [int(f.result()[0]) for f in futures] == list(range(4))
+
+
+async def test_forced_close_fails_running_and_queued_batches():
+    gate = threading.Event()
+    replicas = [Replica(gate), Replica(gate)]
+    batcher = Batcher([r.predict for r in replicas], max_batch_size=1, max_wait_s=0.0)
+    batcher.start()
+    try:
+        futures = [batcher.submit(image(v)) for v in range(4)]
+        await asyncio.to_thread(replicas[1].entered.wait, 5)
+        await batcher.close(timeout=0.1)
+        assert all(isinstance(f.exception(), Overloaded) for f in futures)
+    finally:
+        gate.set()  # let the stuck threads finish

@@ -12,6 +12,7 @@ import pytest
 from app.artifacts import ArtifactError, load_model_card, read_card
 from app.backends import SavedModelBackend, TFLiteBackend
 from app.imaging import RESIZE_RULE, preprocess_file
+from training.export import choose_default_tflite
 from training.export import main as export_main
 
 
@@ -102,3 +103,14 @@ def test_export_at_another_size_keeps_the_weights(tiny_run, tmp_path, photo_dir)
     probs = TFLiteBackend(out / "model.tflite").predict(images)
     truth = np.array([card.labels.index(f.parent.name) for f in files])
     assert np.mean(probs.argmax(1) == truth) > 0.6
+
+
+def test_default_tflite_must_be_clearly_faster_alone_and_batched():
+    f32, fp16, dyn = "model.tflite", "model_fp16.tflite", "model_dynamic.tflite"
+    # fp16 wins alone but not batched: float32 stays the default.
+    assert choose_default_tflite({f32: (100, 200), fp16: (130, 205)}, f32) == f32
+    assert choose_default_tflite({f32: (100, 200), fp16: (111, 221)}, f32) == fp16
+    # Of two that qualify, the faster batched one.
+    speed = {f32: (100, 200), fp16: (150, 230), dyn: (120, 260)}
+    assert choose_default_tflite(speed, f32) == dyn
+    assert choose_default_tflite({f32: (100, 200)}, f32) == f32

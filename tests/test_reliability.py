@@ -135,8 +135,9 @@ class Harness:
         self.client = served.client
         self.settings = served.settings
         self.batcher = served.app.state.service.batcher
-        self.gate = Gate(self.batcher._predict)
-        self.batcher._predict = self.gate
+        (real,) = self.batcher._replicas  # the shared app runs one inference worker
+        self.gate = Gate(real)
+        self.batcher._replicas[0] = self.gate
         self._saved: dict[tuple[int, str], tuple[object, object]] = {}
 
     def set(self, target: object, **values: object) -> None:
@@ -154,7 +155,7 @@ class Harness:
         try:
             await self.idle()
         finally:
-            self.batcher._predict = self.gate.real
+            self.batcher._replicas[0] = self.gate.real
             for (_, name), (target, value) in self._saved.items():
                 setattr(target, name, value)
 
@@ -162,7 +163,10 @@ class Harness:
 @pytest.fixture(scope="module")
 async def shared(colour_model_dir, anyio_backend) -> AsyncIterator[Served]:
     """One running app for the module (real lifespan: hash check, warm-up, drain)."""
-    settings = make_settings(colour_model_dir, max_batch_size=4, queue_limit=64)
+    # One inference worker, so a gated backend holds exactly one batch.
+    settings = make_settings(
+        colour_model_dir, max_batch_size=4, queue_limit=64, inference_workers=1
+    )
     async with serve(settings) as served:
         yield served
 
@@ -266,13 +270,15 @@ async def test_sigterm_finishes_in_flight_requests_then_exits(colour_model_dir, 
 async def test_shutdown_reports_not_ready_before_it_drains(colour_model_dir):
     """Lifespan shutdown with work queued: by the time the batcher starts draining, the app
     already says not-ready (health 503 `draining`, ready gauge 0), and the queued work finishes."""
-    app = create_app(make_settings(colour_model_dir, max_batch_size=1, max_batch_wait_ms=0))
+    app = create_app(
+        make_settings(colour_model_dir, max_batch_size=1, max_batch_wait_ms=0, inference_workers=1)
+    )
     lifespan = Lifespan(app)
     await lifespan.startup()
     batcher = app.state.service.batcher
-    gate = Gate(batcher._predict)
+    gate = Gate(batcher._replicas[0])
     gate.open.clear()
-    batcher._predict = gate
+    batcher._replicas[0] = gate
     real_close, seen = batcher.close, {}
 
     async def close(timeout=None):

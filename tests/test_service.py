@@ -32,6 +32,7 @@ from tests.serving_helpers import (
     metric_value,
     running,
     serve,
+    wrap_replicas,
 )
 
 pytest_plugins = ["tests.serving_fixtures"]
@@ -63,7 +64,8 @@ def test_settings_defaults_and_environment(monkeypatch):
         0,
         256,
     )
-    assert (settings.inference_threads, settings.decode_threads) == (2, 2)
+    assert (settings.inference_workers, settings.inference_threads) == (2, 1)
+    assert settings.decode_threads == 2
     assert settings.max_upload_bytes == 10 * 1024 * 1024
     assert (settings.max_image_pixels, settings.max_files) == (40_000_000, 16)
     assert settings.request_timeout_s == 30 and settings.api_key is None
@@ -272,7 +274,7 @@ async def test_500_when_inference_fails(served, monkeypatch):
     def broken(images):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(served.app.state.service.batcher, "_predict", broken)
+    wrap_replicas(monkeypatch, served.app.state.service.batcher, lambda real: broken)
     response = await predict_files(served, jpeg_part("red"))
     body = assert_error(response, 500, "inference_failed")
     assert "secret" not in response.text and body["error"] == "inference failed"
@@ -302,13 +304,14 @@ async def _not_ready_answers(served):
 
 
 async def test_504_past_the_deadline(served, monkeypatch):
-    real = served.app.state.service.backend.predict
+    def slowed(real):
+        def slow(images):
+            time.sleep(0.3)
+            return real(images)
 
-    def slow(images):
-        time.sleep(0.3)
-        return real(images)
+        return slow
 
-    monkeypatch.setattr(served.app.state.service.batcher, "_predict", slow)
+    wrap_replicas(monkeypatch, served.app.state.service.batcher, slowed)
     monkeypatch.setattr(served.settings, "request_timeout_s", 0.05)
     body = assert_error(await predict_files(served, jpeg_part("red")), 504, "timeout")
     assert "0.05" in body["error"]
@@ -392,7 +395,10 @@ async def test_concurrent_requests_are_batched_and_answered_correctly(tiny_model
 
 
 async def test_shutdown_reports_not_ready_then_drains(tiny_model_dir):
-    app = create_app(make_settings(tiny_model_dir, max_batch_size=1, max_batch_wait_ms=0))
+    settings = make_settings(
+        tiny_model_dir, max_batch_size=1, max_batch_wait_ms=0, inference_workers=1
+    )
+    app = create_app(settings)
     lifespan = Lifespan(app)
     await lifespan.startup()
     stopping = None
@@ -406,7 +412,7 @@ async def test_shutdown_reports_not_ready_then_drains(tiny_model_dir):
                 time.sleep(0.1)
                 return real(images)
 
-            service.batcher._predict = slow
+            service.batcher._replicas[0] = slow
             calls = [
                 asyncio.create_task(client.post("/predict", files=[jpeg_part("red", f"{i}.jpg")]))
                 for i in range(4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.imaging import preprocess_bytes
-from tests.serving_helpers import LABELS, app_status, assert_error, image_bytes
+from tests.serving_helpers import LABELS, app_status, assert_error, image_bytes, wrap_replicas
 
 pytest_plugins = ["tests.serving_fixtures"]
 pytestmark = pytest.mark.anyio
@@ -171,7 +171,7 @@ async def test_infer_failure_is_500(served, monkeypatch):
     def broken(images):
         raise RuntimeError("backend exploded")
 
-    monkeypatch.setattr(served.app.state.service.batcher, "_predict", broken)
+    wrap_replicas(monkeypatch, served.app.state.service.batcher, lambda real: broken)
     response = await served.client.post(INFER, json=request(pixels("red")[None]))
     assert_error(response, 500, "inference_failed")
     assert "exploded" not in response.text
