@@ -1,6 +1,6 @@
 """Evaluate a trained model on any folder of labelled photos (one sub-folder per class).
 
-    python -m training.evaluate runs/flowers ../my_photos            # Keras (best.keras)
+    python -m training.evaluate runs/flowers ../my_photos  # Keras: final.keras, else best.keras
     python -m training.evaluate models/flowers-mobilevit-xxs ../my_photos --format tflite
 
 Photos go through the serving preprocessing (`app.imaging.preprocess_file`). Prints top-1,

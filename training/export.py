@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.export", description=__doc__.split("\n")[0]
     )
-    p.add_argument("model", help="run directory (with best.keras) or a .keras file")
+    p.add_argument("model", help="run directory (final.keras, else best.keras) or a .keras file")
     p.add_argument("--out", required=True, help="model directory to create, e.g. models/flowers")
     p.add_argument("--name", help="model name (default: the --out folder name)")
     p.add_argument("--version", default="1.0.0")
