@@ -174,6 +174,9 @@ def export_model(
         candidates = [r for r in rows if r["format"] == "tflite" and r["parity_ok"]]
         speed = _serving_speed(tmp, [r["file"] for r in candidates], validation.images, threads)
         default_tflite = choose_default_tflite(speed, float_tflite["file"])
+        for row in candidates:  # in model.json and printed, so the choice can be checked
+            batch_1, batch_8 = speed[row["file"]]
+            row["img_per_s_1_thread"] = {"batch_1": batch_1, "batch_8": batch_8}
         keras_row = rows[0]
         metrics = dict(metrics or {})
         if metrics.get("validation_top1") != keras_row.get("validation_top1"):
@@ -305,6 +308,13 @@ def format_table(rows: list[dict]) -> str:
             f"{r['agreement_with_keras']:>8.2%}{r['max_abs_diff']:>10.2e}{r['latency_ms']:>8.2f}"
             f"  {'ok' if r['parity_ok'] else 'FAILED'}"
         )
+    timed = [r for r in rows if "img_per_s_1_thread" in r]
+    if timed:
+        lines.append("\nimg/s with 1 interpreter thread (median of 5 interleaved rounds):")
+        for r in timed:
+            rates = r["img_per_s_1_thread"]
+            lines.append(f"  {r['file']:<22}batch 1 {rates['batch_1']:7.1f}   "
+                         f"batch 8 {rates['batch_8']:7.1f}")  # fmt: skip
     return "\n".join(lines)
 
 
