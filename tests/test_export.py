@@ -33,6 +33,10 @@ def test_model_json_describes_everything_the_server_needs(tiny_model_dir):
     assert all(len(a.sha256) == 64 and a.bytes > 0 for a in card.artifacts)
     assert {"tensorflow", "keras", "python"} <= set(card.versions)
     assert card.training["train_images"] > 0 and card.metrics["validation_top1"] is not None
+    # The speeds behind the default-artifact choice are recorded for every timed candidate.
+    speed = card.metrics["artifacts"]["model.tflite"]["img_per_s_1_thread"]
+    assert speed["batch_1"] > 0 and speed["batch_8"] > 0
+    assert card.default_artifacts["tflite"] in files
 
 
 def test_float_artifacts_match_keras_on_real_files(tiny_model_dir, tiny_keras_model, photo_dir):
