@@ -99,8 +99,9 @@ def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
         capture_output=True, text=True, env=env, check=True,
     ).stdout  # fmt: skip
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
-    result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1))
-    result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1))
+    # wrk pads second-valued latencies with a trailing space ("1.38s ").
+    result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))
+    result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["errors"] = (int(non2xx.group(1)) if non2xx else 0) + (
