@@ -86,8 +86,10 @@ class Batcher:
         self.queue_limit = queue_limit
         self.stats = BatcherStats()
         self._replicas = replicas
-        self._idle = collections.deque(range(len(replicas)))  # indices of replicas not running
-        self._slots = asyncio.Semaphore(len(replicas))
+        # Indices of replicas not running a batch; the dispatcher waits here before forming one.
+        self._idle: asyncio.Queue[int] = asyncio.Queue()
+        for index in range(len(replicas)):
+            self._idle.put_nowait(index)
         self._running: set[asyncio.Task] = set()
         self._on_batch = on_batch
         self._queue: collections.deque[_Item] = collections.deque()
@@ -196,14 +198,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._slots.acquire()  # an idle replica, before the batch is formed
+                replica = await self._idle.get()  # an idle replica, before the batch is formed
                 batch = await self._next_batch()
                 if not batch:
-                    self._slots.release()
+                    self._idle.put_nowait(replica)
                     if batch is None:
                         return
                     continue
-                replica = self._idle.popleft()
                 task = loop.create_task(self._run_batch(batch, self._replicas[replica]))
                 self._running.add(task)
                 task.add_done_callback(lambda t, r=replica: self._batch_done(t, r))
@@ -218,8 +219,7 @@ class Batcher:
 
     def _batch_done(self, task: asyncio.Task, replica: int) -> None:
         self._running.discard(task)
-        self._idle.append(replica)
-        self._slots.release()
+        self._idle.put_nowait(replica)
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait for a first item, then up to `max_wait_s` (from its arrival) for a full batch."""

@@ -92,13 +92,14 @@ def load_service(settings: Settings) -> Service:
     path = model_dir / artifact.file
     backend = open_backend(settings.model_format, path, settings.inference_threads)
     check_shapes(backend, card.input.height, card.input.width, len(card.labels), path)
-    replicas = [backend]
-    for _ in range(settings.inference_workers - 1):
-        shared = settings.model_format == "savedmodel"
-        replicas.append(
-            backend if shared else open_backend("tflite", path, settings.inference_threads)
-        )
-    for replica in {id(r): r for r in replicas}.values():
+    extra = settings.inference_workers - 1
+    if settings.model_format == "savedmodel":
+        replicas = [backend] * (extra + 1)  # TensorFlow runs concurrent calls on one model
+    else:
+        replicas = [backend] + [
+            open_backend("tflite", path, settings.inference_threads) for _ in range(extra)
+        ]
+    for replica in dict.fromkeys(replicas):  # each distinct backend once
         _warm_up(replica, card.input.height, len(card.labels), settings.max_batch_size, path)
     return Service(
         settings=settings,

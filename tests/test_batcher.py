@@ -301,11 +301,17 @@ class Replica(FakeBackend):
                 self.inside -= 1
 
 
-async def test_replicas_run_batches_at_the_same_time_each_one_batch_at_most():
+def started_replicas(max_batch_size: int) -> tuple[threading.Event, list[Replica], Batcher]:
+    """Two gated replicas behind one started batcher (no wait); the gate starts shut."""
     gate = threading.Event()
     replicas = [Replica(gate), Replica(gate)]
-    batcher = Batcher([r.predict for r in replicas], max_batch_size=2, max_wait_s=0.0)
+    batcher = Batcher([r.predict for r in replicas], max_batch_size=max_batch_size, max_wait_s=0.0)
     batcher.start()
+    return gate, replicas, batcher
+
+
+async def test_replicas_run_batches_at_the_same_time_each_one_batch_at_most():
+    gate, replicas, batcher = started_replicas(max_batch_size=2)
     try:
         futures = [batcher.submit(image(v)) for v in range(6)]
         # Both replicas hold a batch at once while the gate is shut; the rest stays queued.
@@ -324,10 +330,7 @@ async def test_replicas_run_batches_at_the_same_time_each_one_batch_at_most():
 
 
 async def test_close_drains_batches_running_on_every_replica():
-    gate = threading.Event()
-    replicas = [Replica(gate), Replica(gate)]
-    batcher = Batcher([r.predict for r in replicas], max_batch_size=1, max_wait_s=0.0)
-    batcher.start()
+    gate, replicas, batcher = started_replicas(max_batch_size=1)
     futures = [batcher.submit(image(v)) for v in range(4)]
     await asyncio.to_thread(replicas[1].entered.wait, 5)
     closing = asyncio.create_task(batcher.close(timeout=10))
@@ -339,10 +342,7 @@ async def test_close_drains_batches_running_on_every_replica():
 
 
 async def test_forced_close_fails_running_and_queued_batches():
-    gate = threading.Event()
-    replicas = [Replica(gate), Replica(gate)]
-    batcher = Batcher([r.predict for r in replicas], max_batch_size=1, max_wait_s=0.0)
-    batcher.start()
+    gate, replicas, batcher = started_replicas(max_batch_size=1)
     try:
         futures = [batcher.submit(image(v)) for v in range(4)]
         await asyncio.to_thread(replicas[1].entered.wait, 5)
