@@ -48,7 +48,7 @@ log = logging.getLogger("training.train")
 RECIPE_KEYS = (
     "data", "tfds", "variant", "image_size", "epochs", "batch_size", "lr", "weight_decay",
     "warmup_epochs", "label_smoothing", "min_scale", "color_jitter", "ema", "ema_momentum",
-    "val_fraction", "seed", "precision", "transformer_dropout",
+    "val_fraction", "seed", "precision", "transformer_dropout", "init_from",
 )  # fmt: skip
 
 
@@ -96,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="XLA-compile the train step (slow first epoch, faster later ones)",
     )
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N photos a class")
+    p.add_argument(
+        "--init-from",
+        help="start from another run's final.keras (e.g. to fine-tune at a larger --image-size); "
+        "that run's split.json is reused so its validation photos stay unseen",
+    )
     args = p.parse_args(argv)
     if not args.resume and not (args.data or args.tfds):
         p.error("one of --data or --tfds is required (or --resume)")
@@ -330,6 +335,12 @@ def train(args: argparse.Namespace) -> dict:
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset)
+    elif cfg.get("init_from"):
+        source_split = Path(cfg["init_from"]).parent / "split.json"
+        if not source_split.exists():
+            raise DataError(f"--init-from needs the source run's split: {source_split} is missing")
+        train_idx, val_idx = read_split(source_split, dataset)
+        write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
     else:
         train_idx, val_idx = stratified_split(dataset.labels, cfg["val_fraction"], cfg["seed"])
         write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
@@ -367,6 +378,10 @@ def train(args: argparse.Namespace) -> dict:
         model = build_model(
             cfg["variant"], num_classes, cfg["image_size"], cfg["transformer_dropout"]
         )
+        if cfg.get("init_from"):
+            # MobileViT has no positional embeddings: the weights fit any input size.
+            model.set_weights(keras.models.load_model(cfg["init_from"]).get_weights())
+            log.info("initialised from %s", cfg["init_from"])
         model.compile(
             optimizer=make_optimizer(cfg, len(batches)),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
