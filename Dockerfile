@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # MobileViT classification service. Default image serves TFLite only (no TensorFlow, ~small);
 # build with --build-arg EXTRAS=savedmodel to serve the SavedModel artifact too.
+# Serves with WEB_CONCURRENCY=2 uvicorn processes of one inference worker each (one per core of
+# a 2-core host; raise it with the cores); /metrics sums them through PROMETHEUS_MULTIPROC_DIR.
 
 FROM python:3.11-slim AS build
 ARG EXTRAS=""
@@ -20,7 +22,11 @@ FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MOBILEVIT_MODEL_DIR=/srv/models/flowers-mobilevit-xxs
+    MOBILEVIT_MODEL_DIR=/srv/models/flowers-mobilevit-xxs \
+    WEB_CONCURRENCY=2 \
+    MOBILEVIT_INFERENCE_WORKERS=1 \
+    MOBILEVIT_DECODE_THREADS=1 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/mobilevit-metrics
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv

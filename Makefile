@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 2
 DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
@@ -27,8 +28,14 @@ $(VENV)/.dev: pyproject.toml
 install: $(VENV)/.serve
 install-dev: $(VENV)/.dev
 
+# WORKERS uvicorn processes, one per core, each with one inference worker and its own GIL
+# (faster than one process on this 2-core machine: README, "Benchmarks"). /metrics sums the
+# processes through files in PROMETHEUS_MULTIPROC_DIR.
 serve: $(VENV)/.serve
-	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	PROMETHEUS_MULTIPROC_DIR=$${PROMETHEUS_MULTIPROC_DIR:-/tmp/mobilevit-metrics-$(PORT)} \
+	MOBILEVIT_INFERENCE_WORKERS=$${MOBILEVIT_INFERENCE_WORKERS:-1} \
+	MOBILEVIT_DECODE_THREADS=$${MOBILEVIT_DECODE_THREADS:-1} \
+	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -83,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.close(timeout=settings.request_timeout_s)
         service.decoder.close()
         metrics.track_queue(lambda: 0)
+        metrics.close()
         app.state.status = "stopped"
         logger.info("stopped after draining the queue")
 

@@ -3,12 +3,20 @@
 `MetricsMiddleware` (pure ASGI, so streaming and error paths are measured too) counts requests by
 route template, method and status and times them; the batcher reports batch sizes, inference
 time and images classified through `Metrics.observe_batch`.
+
+Several server processes (`uvicorn --workers N` / `WEB_CONCURRENCY`): with
+`PROMETHEUS_MULTIPROC_DIR` set to a writable directory, prometheus-client keeps every process's
+values in files there and `/metrics` reports the sum over all processes, whichever one answers.
+Files left by processes that no longer run are removed at startup, so a restarted service does
+not add up earlier runs.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +25,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +38,10 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        if self.multiprocess_dir:
+            remove_dead_process_files(Path(self.multiprocess_dir))
+        self._depth: Callable[[], float] = lambda: 0
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -45,7 +58,10 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "mobilevit_queue_depth", "Images waiting in the batch queue.", registry=r
+            "mobilevit_queue_depth",
+            "Images waiting in the batch queue.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "mobilevit_batch_size",
@@ -66,20 +82,29 @@ class Metrics:
             "mobilevit_inference_failures", "Backend calls that raised.", registry=r
         )
         self.ready = Gauge(
-            "mobilevit_ready", "1 when the model is loaded, warmed and serving.", registry=r
+            "mobilevit_ready",
+            "1 when the model is loaded, warmed and serving (in every process).",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.model_info = Gauge(
             "mobilevit_model_info",
             "The served model (value is always 1).",
             ["name", "version", "format", "artifact"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.queue_depth.set_function(lambda: 0)
+        if not self.multiprocess_dir:
+            self.queue_depth.set_function(lambda: self._depth())
 
     def track_queue(self, depth: Callable[[], float]) -> None:
-        self.queue_depth.set_function(depth)
+        self._depth = depth
+        if self.multiprocess_dir:  # other processes read the file: keep it current
+            self.queue_depth.set(depth())
 
     def observe_batch(self, size: int, seconds: float, failed: bool) -> None:
+        if self.multiprocess_dir:
+            self.queue_depth.set(self._depth())
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
         if failed:
@@ -87,8 +112,37 @@ class Metrics:
         else:
             self.images.inc(size)
 
+    def close(self) -> None:
+        """A process that stops takes its live gauges (ready, queue depth) out of the sum."""
+        if self.multiprocess_dir:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        self.queue_depth.set(self._depth())
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return generate_latest(merged)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_dead_process_files(directory: Path) -> None:
+    """Drop the value files (`<kind>_<pid>.db`) of processes that are gone; create the dir."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in directory.glob("*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            file.unlink(missing_ok=True)
 
 
 class MetricsMiddleware:

@@ -2,11 +2,14 @@
 
     python -m bench.serve --model models/flowers-mobilevit-xxs
 
-Starts `uvicorn app.main:app` on 127.0.0.1 with the default settings (batching on, 2 inference
-workers x 1 thread), with batching off (MAX_BATCH_SIZE=1), and with one 2-thread worker ("1x2"),
-drives it with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64
-concurrent clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
-decode + resize + inference of the same photos in a plain in-process loop on all cores.
+Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve` and the Docker
+image run it (2 processes, each with 1 inference worker, batching on); "1proc", uvicorn's and the
+app's defaults (1 process with 2 inference workers x 1 thread); "off", 1proc with batching off
+(MAX_BATCH_SIZE=1); "1x2", one process with one 2-thread worker. Drives each with wrk (one
+load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients, and
+prints throughput, p50/p99 latency and errors next to the ceiling: decode + resize + inference
+of the same photos in a plain in-process loop on all cores. "CPU busy" is how busy the machine
+was under load (below 100%: threads waiting, e.g. for Python's GIL).
 
 This machine's speed drifts by +-20% within minutes, so each cell alternates ceiling and load in
 several short rounds (`--rounds`) and compares their means: the drift hits both sides alike.
@@ -21,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -94,14 +98,27 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs so far (Linux /proc/stat); (0, 0) elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
     env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos)}
+    busy0, total0 = cpu_times()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
          "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{port}/predict"],
         capture_output=True, text=True, env=env, check=True,
     ).stdout  # fmt: skip
+    busy1, total1 = cpu_times()
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    result["busy"] = (busy1 - busy0) / max(1, total1 - total0)
     # wrk pads second-valued latencies with a trailing space ("1.38s ").
     result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))
     result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))
@@ -114,15 +131,15 @@ def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
 
 
 MODES = {
-    "on": {},  # the service defaults: greedy batching, 2 workers x 1 thread
-    "off": {"MOBILEVIT_MAX_BATCH_SIZE": "1"},
-    "1x2": {"MOBILEVIT_INFERENCE_WORKERS": "1", "MOBILEVIT_INFERENCE_THREADS": "2"},
     # uvicorn reads WEB_CONCURRENCY as --workers: one process (own GIL, own batcher) per core.
     "2proc": {
         "WEB_CONCURRENCY": "2",
         "MOBILEVIT_INFERENCE_WORKERS": "1",
         "MOBILEVIT_DECODE_THREADS": "1",
     },
+    "1proc": {},  # the app's defaults: greedy batching, 2 workers x 1 thread
+    "off": {"MOBILEVIT_MAX_BATCH_SIZE": "1"},
+    "1x2": {"MOBILEVIT_INFERENCE_WORKERS": "1", "MOBILEVIT_INFERENCE_THREADS": "2"},
 }
 
 
@@ -135,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="ceiling + load rounds per cell")
     p.add_argument("--ceiling-seconds", type=float, default=2.0, help="per ceiling loop shape")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--modes", default="on,off,1x2", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument(
+        "--modes", default="2proc,1proc,off,1x2", help=f"comma-separated, of {sorted(MODES)}"
+    )
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -151,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     print("ceiling: decode + resize + inference in-process on all cores; 'of ceiling' is mean "
           "req/s over mean ceiling\nof the same rounds; p50 is the rounds' median, p99 their "
           "worst\n")  # fmt: skip
-    print(f"{'batching':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'ceiling':>9}{'of ceiling':>12}")  # fmt: skip
+    print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}")  # fmt: skip
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
+        metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
+        if "WEB_CONCURRENCY" in env:  # several processes: metrics summed through files
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         server = start_server(args.port, env)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
@@ -167,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                 p50 = np.median([r["p50"] for r in runs])
                 p99 = max(r["p99"] for r in runs)
                 errors = sum(r["errors"] for r in runs)
-                print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}"
-                      f"{errors:>8}{limit:>9.1f}{rps / limit:>12.2f}", flush=True)  # fmt: skip
+                busy = np.mean([r["busy"] for r in runs])
+                print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
+                      f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}", flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

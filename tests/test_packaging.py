@@ -70,33 +70,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_image_command_serves_a_model(tiny_model_dir, tmp_path):
-    """WORKDIR /srv holds app/ and models/; run CMD with the image's ENV (port swapped)."""
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_start))  # fmt: skip
+
+
+def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
+    """WORKDIR /srv holds app/ and models/; run CMD with the image's ENV (port and metrics dir
+    swapped): its uvicorn processes all answer, and /metrics counts the requests of all of them."""
     srv = tmp_path / "srv"
     shutil.copytree(ROOT / "app", srv / "app", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_model_dir, srv / "models" / "tiny")
     port = _free_port()
     cmd = [str(Path(sys.executable).parent / image_cmd()[0]), *image_cmd()[1:]]
     cmd[cmd.index("--port") + 1] = str(port)
-    env = {**os.environ, **image_env(), "MOBILEVIT_MODEL_DIR": str(srv / "models" / "tiny")}
+    metrics_dir = tmp_path / "metrics"
+    env = {**os.environ, **image_env(), "MOBILEVIT_MODEL_DIR": str(srv / "models" / "tiny"),
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}  # fmt: skip
     env.pop("PYTHONPATH", None)
     assert "MOBILEVIT_MODEL_DIR" in image_env()
+    processes = int(image_env().get("WEB_CONCURRENCY", "1"))
+    base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(cmd, cwd=srv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline, status = time.time() + 90, None
         while time.time() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
                     status = r.status
                     break
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.3)
         assert status == 200, proc.stdout.read().decode() if proc.poll() is not None else status
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/model-info", timeout=5) as r:
+        with urllib.request.urlopen(f"{base}/model-info", timeout=5) as r:
             assert json.loads(r.read())["name"] == "tiny-mobilevit"
+        photo = next(photo_dir.rglob("*.jpg")).read_bytes()
+        sent = 12
+        for _ in range(sent):  # a new connection each: the kernel spreads them over processes
+            request = urllib.request.Request(f"{base}/predict", data=photo,
+                                             headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert json.loads(r.read())["predictions"][0]["label"] in ("blue", "green", "red")
+        # A process counts a request just after answering it, and a slower process may still be
+        # warming up (mobilevit_ready is the minimum over processes): poll until both settle.
+        requests = 'mobilevit_http_requests_total{method="POST",route="/predict",status="200"}'
+        while True:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            settled = _metric(text, requests) == sent and _metric(text, "mobilevit_ready ") == 1
+            if settled or time.time() > deadline + 30:
+                break
+            time.sleep(0.2)
     finally:
         proc.terminate()
         proc.wait(30)
+    assert _metric(text, requests) == sent
+    assert _metric(text, "mobilevit_images_classified_total") == sent
+    assert _metric(text, "mobilevit_ready ") == 1.0
+    counting = {f.stem.rsplit("_", 1)[1] for f in metrics_dir.glob("counter_*.db")}
+    assert len(counting) == processes  # each process kept its own file; /metrics summed them
     # uvicorn shuts down cleanly, then re-raises SIGTERM on itself: -15 here, 0 as PID 1 in a
     # container (where the signal's default action does not apply).
     assert proc.returncode in (0, -signal.SIGTERM)

@@ -516,3 +516,25 @@ def test_uvicorn_exits_non_zero_naming_the_file(tiny_model_dir, tmp_path, proble
     assert result.returncode != 0
     assert needle in result.stderr
     assert "Application startup failed" in result.stderr
+
+
+def test_metrics_dir_keeps_live_processes_files_only(tmp_path):
+    """Several server processes share PROMETHEUS_MULTIPROC_DIR; a restart must not add up the
+    counts of processes that are gone, nor drop those of processes still running."""
+    from app.metrics import remove_dead_process_files
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = [os.getpid(), os.getppid()]
+    for pid in [gone.pid, *live]:
+        for kind in ("counter", "histogram", "gauge_livesum"):
+            (tmp_path / f"{kind}_{pid}.db").write_bytes(b"")
+    (tmp_path / "notes.db").write_bytes(b"")  # not a value file: left alone
+    remove_dead_process_files(tmp_path)
+    left = sorted(f.name for f in tmp_path.iterdir())
+    expected = [
+        f"{kind}_{pid}.db" for pid in live for kind in ("counter", "histogram", "gauge_livesum")
+    ]
+    assert left == sorted([*expected, "notes.db"])
+    remove_dead_process_files(tmp_path / "new")  # a missing directory is created
+    assert (tmp_path / "new").is_dir()
