@@ -121,7 +121,8 @@ def load_rgb(
             image.draft("RGB", (target_size, target_size))
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # In place: without an orientation tag the default would still copy the whole image.
+        ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
     except ImageError:
         raise
