@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import COLOURS, write_photo_folder
+from tests.conftest import COLOURS, TINY_SIZE, write_photo_folder
 from training.data import (
     Augment,
     DataError,
@@ -127,6 +127,31 @@ def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):
     assert [row.split(",")[0] for row in rows[1:]] == ["0", "1"]  # epoch 2 appended, not redone
     assert main([*common, "--resume"]) == 0  # finished: nothing more to train
     assert len((run / "log.csv").read_text().strip().splitlines()) == 3
+
+
+def test_init_from_fine_tunes_another_run_at_another_size(tiny_run, photo_dir, tmp_path):
+    """Same split as the source run, and training starts from its weights."""
+    import keras
+
+    from training.export import earlier_runs
+    from training.train import main
+
+    tuned = tmp_path / "tuned"
+    source = tiny_run / "final.keras"
+    size = TINY_SIZE + 32
+    assert main(["--data", str(photo_dir), "--run-dir", str(tuned), "--image-size", str(size),
+                 "--epochs", "1", "--batch-size", "16", "--lr", "1e-9", "--no-ema",
+                 "--no-jit-compile", "--init-from", str(source)]) == 0  # fmt: skip
+    split, tuned_split = (json.loads((d / "split.json").read_text()) for d in (tiny_run, tuned))
+    assert (tuned_split["train"], tuned_split["val"]) == (split["train"], split["val"])
+    before, after = (keras.models.load_model(f) for f in (source, tuned / "final.keras"))
+    assert after.input_shape[1] == size
+    kernel = next(i for i, w in enumerate(before.weights) if "kernel" in w.path)
+    np.testing.assert_allclose(after.weights[kernel].numpy(), before.weights[kernel].numpy(),
+                               atol=1e-6)  # fmt: skip
+    report = json.loads((tuned / "report.json").read_text())
+    assert report["recipe"]["init_from"] == str(source)
+    assert [(r["epochs"], r["image_size"]) for r in earlier_runs(report)] == [(10, TINY_SIZE)]
 
 
 def test_missing_data_folder_is_a_clear_cli_error(tmp_path, capsys):

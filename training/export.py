@@ -318,6 +318,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier_runs(report: dict) -> list[dict]:
+    """The runs this one started from (train --init-from), newest first, from their reports."""
+    runs: list[dict] = []
+    source = (report.get("recipe") or {}).get("init_from")
+    while source and len(runs) < 10:
+        path = Path(source).parent / "report.json"
+        if not path.exists():
+            runs.append({"weights": source, "report": None})
+            break
+        earlier = json.loads(path.read_text())
+        runs.append({
+            "weights": source,
+            "epochs": earlier.get("epochs_completed"),
+            "image_size": earlier.get("image_size"),
+            "wall_time_s": earlier.get("wall_time_s"),
+            "validation_top1": earlier.get("validation", {}).get("top1"),
+            "recipe": earlier.get("recipe"),
+        })  # fmt: skip
+        source = (earlier.get("recipe") or {}).get("init_from")
+    return runs
+
+
 def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
     """A run directory (final.keras or best.keras inside) or a .keras file -> (file, run dir)."""
     path = Path(path)
@@ -441,6 +463,9 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         "wall_time_s": report.get("wall_time_s"),
         "recipe": report.get("recipe"),
     }
+    lineage = earlier_runs(report)
+    if lineage:
+        training_info["initialised_from"] = lineage
     metrics = {
         "validation_top1": report.get("validation", {}).get("top1"),
         "validation": report.get("validation"),
