@@ -152,6 +152,10 @@ def test_init_from_fine_tunes_another_run_at_another_size(tiny_run, photo_dir, t
     report = json.loads((tuned / "report.json").read_text())
     assert report["recipe"]["init_from"] == str(source)
     assert [(r["epochs"], r["image_size"]) for r in earlier_runs(report)] == [(10, TINY_SIZE)]
+    # A checkpoint that cannot be loaded is a CLI error, not a traceback.
+    missing = ["--data", str(photo_dir), "--run-dir", str(tmp_path / "bad"), "--image-size",
+               str(size), "--init-from", str(tiny_run / "missing.keras")]  # fmt: skip
+    assert main(missing) == 2
 
 
 def test_missing_data_folder_is_a_clear_cli_error(tmp_path, capsys):

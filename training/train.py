@@ -380,7 +380,10 @@ def train(args: argparse.Namespace) -> dict:
         )
         if cfg.get("init_from"):
             # MobileViT has no positional embeddings: the weights fit any input size.
-            model.set_weights(keras.models.load_model(cfg["init_from"]).get_weights())
+            try:
+                model.set_weights(keras.models.load_model(cfg["init_from"]).get_weights())
+            except ValueError as exc:  # another variant or class count
+                raise DataError(f"cannot start from {cfg['init_from']}: {exc}") from None
             log.info("initialised from %s", cfg["init_from"])
         model.compile(
             optimizer=make_optimizer(cfg, len(batches)),
