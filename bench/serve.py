@@ -175,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
-        metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
+        metrics_dir = None
         if "WEB_CONCURRENCY" in env:  # several processes: metrics summed through files
-            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+                prefix="bench-metrics-"
+            )
         server = start_server(args.port, env)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if metrics_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
