@@ -116,7 +116,7 @@ def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):
     common = ["--run-dir", str(run)]
     # EMA stays on (the default): resuming must restore the optimizer's moving averages too.
     args = ["--data", str(photo_dir), "--image-size", "64", "--epochs", "1", "--batch-size", "16",
-            "--limit-per-class", "8", "--no-jit-compile"]  # fmt: skip
+            "--limit-per-class", "8", "--run-eagerly"]  # fmt: skip
     assert main(common + args) == 0
     # A finished run refuses to be overwritten and resumes as a no-op at the same epoch.
     assert main(common + args) == 2
@@ -141,7 +141,7 @@ def test_init_from_fine_tunes_another_run_at_another_size(tiny_run, photo_dir, t
     size = TINY_SIZE + 32
     assert main(["--data", str(photo_dir), "--run-dir", str(tuned), "--image-size", str(size),
                  "--epochs", "1", "--batch-size", "16", "--lr", "1e-9", "--no-ema",
-                 "--no-jit-compile", "--init-from", str(source)]) == 0  # fmt: skip
+                 "--run-eagerly", "--init-from", str(source)]) == 0  # fmt: skip
     split, tuned_split = (json.loads((d / "split.json").read_text()) for d in (tiny_run, tuned))
     assert (tuned_split["train"], tuned_split["val"]) == (split["train"], split["val"])
     before, after = (keras.models.load_model(f) for f in (source, tuned / "final.keras"))

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="XLA-compile the train step (slow first epoch, faster later ones)",
     )
+    p.add_argument(
+        "--run-eagerly",
+        action="store_true",
+        help="no graph tracing: for debugging, and for tiny runs where tracing the model takes "
+        "longer than training it",
+    )
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N photos a class")
     p.add_argument(
         "--init-from",
@@ -275,6 +281,7 @@ def predict_dataset(model: keras.Model, dataset: Dataset, image_size: int) -> np
 def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: Dataset) -> dict:
     """Validation metrics of final.keras (the model to export) under the serving transform."""
     model = keras.models.load_model(run_dir / "final.keras")
+    model.run_eagerly = bool(cfg.get("run_eagerly"))
     probs = predict_dataset(model, val, cfg["image_size"])
     metrics = classification_metrics(val.labels, probs.argmax(axis=1), val.class_names)
     rows = read_log(run_dir)
@@ -328,6 +335,7 @@ def train(args: argparse.Namespace) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg["limit_per_class"] = args.limit_per_class
         cfg["jit_compile"] = args.jit_compile
+        cfg["run_eagerly"] = args.run_eagerly
         config_path.write_text(json.dumps(cfg, indent=2))
 
     keras.utils.set_random_seed(cfg["seed"])
@@ -391,6 +399,7 @@ def train(args: argparse.Namespace) -> dict:
             metrics=["accuracy"],
             jit_compile="auto" if cfg.get("jit_compile", True) else False,
         )
+    model.run_eagerly = bool(cfg.get("run_eagerly"))
     started = time.perf_counter()
     fit_epochs(model, batches, (x_val, y_val), run_dir, initial_epoch, cfg["epochs"],
                best_so_far=max(
