@@ -14,8 +14,8 @@ interpreter split over both cores stalls whenever either core is taken (bench/se
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
-up (deadline, client gone) cancels its future; the dispatcher skips cancelled items. `close()`
-stops accepting, finishes what is queued and running, then stops the dispatcher.
+up (deadline, client gone) cancels its futures and frees their places in the queue at once.
+`close()` stops accepting, finishes what is queued and running, then stops the dispatcher.
 
 The queue is a deque plus an event rather than `asyncio.Queue`, so the dispatcher can look at
 the first item's arrival time and the depth without taking items out, and a timed wait can
@@ -190,7 +190,15 @@ class Batcher:
         except BaseException:
             for future in futures:
                 future.cancel()
+            self._drop_cancelled()
             raise
+
+    def _drop_cancelled(self) -> None:
+        """Free the queue places of callers that gave up now, not when a batch would form."""
+        if any(item.future.cancelled() for item in self._queue):
+            kept = [item for item in self._queue if not item.future.cancelled()]
+            self.stats.skipped_cancelled += len(self._queue) - len(kept)
+            self._queue = collections.deque(kept)
 
     # ---- worker ----------------------------------------------------------------------------
 

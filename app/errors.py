@@ -36,6 +36,7 @@ CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    499: "client_closed_request",  # nginx's code: logged and counted, the client is gone
     500: "internal_error",
     501: "not_implemented",
     503: "unavailable",

@@ -64,8 +64,42 @@ async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarra
         raise ApiError(500, "inference failed", code="inference_failed") from None
 
 
-def deadline_exceeded(timeout_s: float) -> ApiError:
-    return ApiError(504, f"request did not finish within {timeout_s:g} s")
+class RequestDeadline:
+    """`async with RequestDeadline(request, seconds)`: the work inside answers 504 after
+    `seconds`. After `watch_client()` (call it once the body is read), a client that disconnects
+    ends the work at once (499, logged and counted but never seen): a request nobody waits for
+    must not keep its place in the inference queue, where under overload it costs someone a 503.
+    """
+
+    def __init__(self, request: Request, seconds: float):
+        self.request = request
+        self.seconds = seconds
+        self.client_gone = False
+        self._timeout = asyncio.timeout(seconds)
+        self._watcher: asyncio.Task | None = None
+
+    def watch_client(self) -> None:
+        self._watcher = asyncio.ensure_future(self._wait_for_disconnect())
+
+    async def _wait_for_disconnect(self) -> None:
+        # Once the body is read, the next ASGI message is http.disconnect, whenever it comes.
+        if (await self.request.receive())["type"] == "http.disconnect":
+            self.client_gone = True
+            self._timeout.reschedule(asyncio.get_running_loop().time())  # expire now
+
+    async def __aenter__(self) -> RequestDeadline:
+        await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool | None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        try:
+            return await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:  # raised by our own timeout only: a TimeoutError from inside passes
+            if self.client_gone:
+                raise ApiError(499, "client closed the connection") from None
+            raise ApiError(504, f"request did not finish within {self.seconds:g} s") from None
 
 
 # ---- /predict --------------------------------------------------------------------------------
@@ -156,18 +190,13 @@ async def predict(
     if k > len(labels):
         raise ApiError(422, f"query.top_k: must be between 1 and {len(labels)} (number of labels)")
     assert service.decoder is not None
-    timeout = asyncio.timeout(settings.request_timeout_s)
-    try:
-        async with timeout:
-            uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
-            decode_started = time.perf_counter()
-            images = await service.decoder.decode(uploads)
-            infer_started = time.perf_counter()
-            rows = await classify(service, images)
-    except TimeoutError:
-        if timeout.expired():
-            raise deadline_exceeded(settings.request_timeout_s) from None
-        raise
+    async with RequestDeadline(request, settings.request_timeout_s) as deadline:
+        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+        deadline.watch_client()
+        decode_started = time.perf_counter()
+        images = await service.decoder.decode(uploads)
+        infer_started = time.perf_counter()
+        rows = await classify(service, images)
     done = time.perf_counter()
     predictions = []
     for upload, row in zip(uploads, rows, strict=True):

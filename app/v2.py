@@ -14,7 +14,6 @@ protocol asks for. Readiness that is false answers 503 (with Retry-After) like `
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from typing import Annotated, Any
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.decoding import read_body
 from app.errors import ApiError, error_responses
-from app.routes import classify, deadline_exceeded, ready_service, require_api_key
+from app.routes import RequestDeadline, classify, ready_service, require_api_key
 from app.service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -236,20 +235,15 @@ def _parse_and_check(
 async def _infer(request: Request, service: Service, name: str, version: str | None) -> dict:
     _model(service, name, version)
     settings = service.settings
-    timeout = asyncio.timeout(settings.request_timeout_s)
-    try:
-        async with timeout:
-            body = await read_body(request, settings.max_upload_bytes)
-            assert service.decoder is not None
-            # JSON parsing and tensor checks of a body of up to MAX_UPLOAD_BYTES run off the loop.
-            infer_request, images = await service.decoder.run(
-                _parse_and_check, body, service.size, settings.max_files
-            )
-            rows = await classify(service, images)
-    except TimeoutError:
-        if timeout.expired():
-            raise deadline_exceeded(settings.request_timeout_s) from None
-        raise
+    async with RequestDeadline(request, settings.request_timeout_s) as deadline:
+        body = await read_body(request, settings.max_upload_bytes)
+        deadline.watch_client()
+        assert service.decoder is not None
+        # JSON parsing and tensor checks of a body of up to MAX_UPLOAD_BYTES run off the loop.
+        infer_request, images = await service.decoder.run(
+            _parse_and_check, body, service.size, settings.max_files
+        )
+        rows = await classify(service, images)
     probabilities = np.stack(rows).astype(np.float32)  # N x [C] -> [N, C]
     answer: dict[str, Any] = {
         "model_name": service.card.name,

@@ -2,19 +2,23 @@
 
     python -m bench.soak --model models/flowers-mobilevit-xxs
 
-Soak: about --requests requests from 32 concurrent wrk clients with real photos, in slices;
-prints errors and the server's resident memory after warm-up and at the end (growth must stay
-under 10%). Overload: normal load, then --overload-clients clients against a small queue for
-20 s (503 + Retry-After share), then normal load again to show latency recovers.
+The server runs as `--mode` of bench.serve: by default "2proc", the deployment `make serve` and
+the Docker image run. Soak: about --requests requests from 32 concurrent wrk clients with real
+photos, in slices; prints errors and the resident memory of all the server's processes
+together, after warm-up and at the end (growth must stay under 10%). Overload: normal load,
+then --overload-clients clients against a small queue (per process) for 20 s (503 +
+Retry-After share), then normal load again to show latency recovers.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
-from bench.serve import DEFAULT_PHOTOS, ROOT, photo_files, run_wrk, start_server
+from bench.serve import DEFAULT_PHOTOS, MODES, ROOT, photo_files, run_wrk, start_server
 
 
 def rss_mb(pid: int) -> float:
@@ -22,6 +26,27 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (uvicorn's worker processes), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree = [pid]
+    for member in tree:
+        tree.extend(child for child, parent in parents.items() if parent == member)
+    return tree
+
+
+def tree_rss_mb(pid: int) -> tuple[float, int]:
+    """Resident memory of the process tree in MB, and how many processes it has."""
+    tree = process_tree(pid)
+    return sum(rss_mb(member) for member in tree), len(tree)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--overload-clients", type=int, default=256)
     p.add_argument("--port", type=int, default=8766)
+    p.add_argument("--mode", default="2proc", choices=sorted(MODES))
     args = p.parse_args(argv)
     photos = photo_files(args.photos, 64)
-    env = {"MOBILEVIT_MODEL_DIR": str(args.model.resolve()), "MOBILEVIT_QUEUE_LIMIT": "64"}
+    env = {**MODES[args.mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
+           "MOBILEVIT_QUEUE_LIMIT": "64"}  # fmt: skip
+    metrics_dir = None
+    if "WEB_CONCURRENCY" in env:  # several processes: metrics summed through files
+        metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="soak-metrics-")
 
     server = start_server(args.port, env)
     try:
         warm = run_wrk(args.port, args.clients, 5, photos)
-        base_rss = rss_mb(server.pid)
+        base_rss, processes = tree_rss_mb(server.pid)
         slice_s = 10
         done, errors, slices = int(warm["rps"] * 5), warm["errors"], []
         while done < args.requests:
@@ -47,14 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             done += int(r["rps"] * slice_s)
             errors += r["errors"]
             slices.append(r)
-        end_rss = rss_mb(server.pid)
-        print(f"soak: {done} requests, {args.clients} clients, queue limit 64")
+        end_rss, _ = tree_rss_mb(server.pid)
+        print(f"soak: {args.mode} ({processes} processes in the server's tree), {done} requests, "
+              f"{args.clients} clients, queue limit 64 per process")  # fmt: skip
         print(f"{'slice':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
         for i, r in enumerate(slices, 1):
             print(f"{i:>6}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}")
         growth = (end_rss - base_rss) / base_rss
-        print(f"errors {errors}; RSS after warm-up {base_rss:.1f} MB, at end {end_rss:.1f} MB "
-              f"({growth:+.1%})\n")  # fmt: skip
+        print(f"errors {errors}; RSS of all processes after warm-up {base_rss:.1f} MB, at end "
+              f"{end_rss:.1f} MB ({growth:+.1%})\n")  # fmt: skip
 
         print(f"overload: {args.clients} clients, then {args.overload_clients} for 20 s, "
               f"then {args.clients} again")  # fmt: skip
@@ -70,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

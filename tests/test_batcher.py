@@ -196,6 +196,8 @@ async def test_cancelling_a_caller_cancels_its_queued_items():
                 await asyncio.shield(caller)
         caller.cancel()
         await asyncio.gather(caller, return_exceptions=True)
+        assert batcher.depth == 0  # their places are free at once, before any batch forms
+        assert batcher.stats.skipped_cancelled == 2
         gate.set()
         await busy
         assert int((await batcher.submit(image(3)))[0]) == 3

@@ -132,6 +132,7 @@ class Harness:
     waits for it to go idle and puts everything back."""
 
     def __init__(self, served: Served):
+        self.app = served.app
         self.client = served.client
         self.settings = served.settings
         self.batcher = served.app.state.service.batcher
@@ -373,6 +374,52 @@ async def test_deadline_answers_504_and_the_service_goes_on(harness):
     assert_label(await post(h.client, "blue"), "blue")
     # The abandoned image that was still queued was dropped, not run.
     assert h.batcher.stats.skipped_cancelled - skipped == 2 - held
+
+
+@pytest.mark.anyio
+async def test_a_client_that_disconnects_frees_its_place_in_the_queue(harness):
+    h = harness
+    h.set(h.batcher, max_batch_size=1, max_wait_s=0.0)
+    h.gate.open.clear()  # the backend holds the first request; the second waits in the queue
+    first = asyncio.create_task(post(h.client, "red"))
+    async with asyncio.timeout(30):
+        while not h.gate.active:
+            await asyncio.sleep(0.01)
+    # The second request at the ASGI level, so the test decides when its client goes away.
+    body = image_bytes("green")
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    leave, answer = asyncio.Event(), []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop()
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        answer.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 5000), "server": ("test", 80),
+             "headers": [(b"content-type", b"image/jpeg"),
+                         (b"content-length", str(len(body)).encode())]}  # fmt: skip
+    second = asyncio.create_task(h.app(scope, receive, send))
+    async with asyncio.timeout(30):
+        while h.batcher.depth < 1:
+            await asyncio.sleep(0.01)
+        leave.set()
+        await second
+    assert answer[0]["status"] == 499  # recorded in logs and metrics; nobody reads it
+    assert h.batcher.depth == 0  # its place in the queue is free before the backend is
+    assert h.gate.active == 1
+    h.gate.open.set()
+    async with asyncio.timeout(30):
+        assert_label(await first, "red")
+    assert h.gate.batches == [1]  # the abandoned image never reached the backend
+    metrics = (await h.client.get("/metrics")).text
+    assert metric_value(metrics, "mobilevit_http_requests_total",
+                        route="/predict", method="POST", status="499") >= 1  # fmt: skip
 
 
 # ---- 4. fault isolation ----------------------------------------------------------------------
