@@ -9,7 +9,9 @@ app's defaults (1 process with 2 inference workers x 1 thread); "off", 1proc wit
 each with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64
 concurrent clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
 decode + resize + inference of the same photos in a plain in-process loop on all cores.
-"CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL).
+"CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
+"loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
+FastAPI, batching) and in its other threads (decode, inference), over all its processes.
 
 This machine's speed drifts by +-20% within minutes, so each cell alternates ceiling and load in
 several short rounds (`--rounds`) and compares their means: the drift hits both sides alike.
@@ -108,8 +110,46 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (uvicorn's worker processes), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree = [pid]
+    for member in tree:
+        tree.extend(child for child, parent in parents.items() if parent == member)
+    return tree
+
+
+def thread_cpu(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds so far of the processes' main threads (the event loops) and of all their
+    other threads (decode, inference), from /proc; (0, 0) elsewhere."""
+    loop = other = 0.0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if task.name == str(pid):
+                loop += seconds
+            else:
+                other += seconds
+    return loop, other
+
+
+def run_wrk(
+    port: int, clients: int, seconds: int, photos: list[Path], server: int | None = None
+) -> dict:
+    """wrk's figures; with the `server` pid, also its CPU ms per request (loop_ms, work_ms)."""
     env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos)}
+    pids = process_tree(server) if server else []
+    loop0, work0 = thread_cpu(pids)
     busy0, total0 = cpu_times()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
@@ -117,8 +157,12 @@ def run_wrk(port: int, clients: int, seconds: int, photos: list[Path]) -> dict:
         capture_output=True, text=True, env=env, check=True,
     ).stdout  # fmt: skip
     busy1, total1 = cpu_times()
+    loop1, work1 = thread_cpu(pids)
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
     result["busy"] = (busy1 - busy0) / max(1, total1 - total0)
+    requests = max(1, int(re.search(r"(\d+) requests in", out).group(1)))
+    result["loop_ms"] = (loop1 - loop0) * 1000 / requests
+    result["work_ms"] = (work1 - work0) * 1000 / requests
     # wrk pads second-valued latencies with a trailing space ("1.38s ").
     result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))
     result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))
@@ -171,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
           "req/s over mean ceiling\nof the same rounds; p50 is the rounds' median, p99 their "
           "worst\n")  # fmt: skip
     print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}")  # fmt: skip
+          f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}"
+          f"{'loop ms':>9}{'work ms':>9}")  # fmt: skip
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
@@ -186,14 +231,16 @@ def main(argv: list[str] | None = None) -> int:
                 limits, runs = [], []
                 for _ in range(args.rounds):
                     limits.append(ceiling(args.model, artifact, blobs, size, args.ceiling_seconds))
-                    runs.append(run_wrk(args.port, clients, args.seconds, photos))
+                    runs.append(run_wrk(args.port, clients, args.seconds, photos, server.pid))
                 rps, limit = np.mean([r["rps"] for r in runs]), np.mean(limits)
                 p50 = np.median([r["p50"] for r in runs])
                 p99 = max(r["p99"] for r in runs)
                 errors = sum(r["errors"] for r in runs)
                 busy = np.mean([r["busy"] for r in runs])
+                loop_ms, work_ms = (np.mean([r[k] for r in runs]) for k in ("loop_ms", "work_ms"))
                 print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
-                      f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}", flush=True)  # fmt: skip
+                      f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}{loop_ms:>9.2f}"
+                      f"{work_ms:>9.2f}", flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)

@@ -18,7 +18,15 @@ import signal
 import tempfile
 from pathlib import Path
 
-from bench.serve import DEFAULT_PHOTOS, MODES, ROOT, photo_files, run_wrk, start_server
+from bench.serve import (
+    DEFAULT_PHOTOS,
+    MODES,
+    ROOT,
+    photo_files,
+    process_tree,
+    run_wrk,
+    start_server,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -26,21 +34,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (uvicorn's worker processes), from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree = [pid]
-    for member in tree:
-        tree.extend(child for child, parent in parents.items() if parent == member)
-    return tree
 
 
 def tree_rss_mb(pid: int) -> tuple[float, int]:
