@@ -103,8 +103,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.router.routes.append(routes.predict_route)
     app.include_router(routes.router)
     app.include_router(v2.router)
+    generate_openapi = app.openapi
+    app.openapi = lambda: routes.document_predict(generate_openapi())  # type: ignore[method-assign]
     return app
 
 

@@ -3,9 +3,10 @@
     python -m bench.serve --model models/flowers-mobilevit-xxs
 
 Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve` and the Docker
-image run it (2 processes, each with 1 inference worker, batching on); "1proc", uvicorn's and the
+image run it (2 processes, each with 2 inference workers, batching on); "1proc", uvicorn's and the
 app's defaults (1 process with 2 inference workers x 1 thread); "off", 1proc with batching off
-(MAX_BATCH_SIZE=1); "1x2" (only with `--modes`), one process with one 2-thread worker. Drives
+(MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2 processes of 1 inference worker each,
+and "1x2", one process with one 2-thread worker. Drives
 each with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64
 concurrent clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
 decode + resize + inference of the same photos in a plain in-process loop on all cores.
@@ -175,8 +176,16 @@ def run_wrk(
 
 
 MODES = {
-    # uvicorn reads WEB_CONCURRENCY as --workers: one process (own GIL, own batcher) per core.
+    # uvicorn reads WEB_CONCURRENCY as --workers: one process (own GIL, own batcher) per core,
+    # each with 2 inference workers, so that a process holding most connections (the kernel
+    # does not spread them evenly) still uses both cores.
     "2proc": {
+        "WEB_CONCURRENCY": "2",
+        "MOBILEVIT_INFERENCE_WORKERS": "2",
+        "MOBILEVIT_DECODE_THREADS": "1",
+    },
+    # The same with one inference worker per process (the deployment before 2026-11-29).
+    "2proc-1w": {
         "WEB_CONCURRENCY": "2",
         "MOBILEVIT_INFERENCE_WORKERS": "1",
         "MOBILEVIT_DECODE_THREADS": "1",

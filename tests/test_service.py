@@ -21,6 +21,7 @@ import pytest
 from app.artifacts import ArtifactError
 from app.imaging import preprocess_file
 from app.main import create_app
+from app.routes import PredictResponse
 from app.settings import DEFAULT_MODEL_DIR, Settings
 from tests.serving_helpers import (
     LABELS,
@@ -126,6 +127,7 @@ async def test_predict_one_image(served):
     response = await predict_files(served, jpeg_part("red", "rose.jpg"))
     assert response.status_code == 200, response.text
     body = response.json()
+    PredictResponse.model_validate(body, strict=True)  # the documented shape, exactly
     expected_artifact = "model.tflite" if served.fmt == "tflite" else "saved_model"
     assert body["model"] == {
         "name": "tiny-mobilevit",
@@ -145,6 +147,18 @@ async def test_predict_one_image(served):
     timings = body["timings_ms"]
     assert set(timings) == {"decode", "queue_and_inference", "total"}
     assert 0 <= timings["decode"] <= timings["total"]
+
+
+async def test_predict_is_documented_with_its_response_model(served):
+    schema = (await served.client.get("/openapi.json")).json()
+    operation = schema["paths"]["/predict"]["post"]
+    assert operation["parameters"][0]["name"] == "top_k"
+    answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/PredictResponse"}
+    assert {"PredictResponse", "Prediction", "LabelScore", "ErrorBody"} <= set(
+        schema["components"]["schemas"]
+    )
+    assert {"400", "401", "413", "415", "422", "503"} <= set(operation["responses"])
 
 
 async def test_several_files_keep_their_order(served):
