@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 # MobileViT classification service. Default image serves TFLite only (no TensorFlow, ~small);
 # build with --build-arg EXTRAS=savedmodel to serve the SavedModel artifact too.
-# Serves with WEB_CONCURRENCY=2 uvicorn processes (one per core of a 2-core host; raise it with
-# the cores), each with 2 inference workers, so that one process can use every core when the
-# kernel hands it most of the connections; /metrics sums them through PROMETHEUS_MULTIPROC_DIR.
+# Serves with WEB_CONCURRENCY=2 uvicorn processes (one per core of a 2-core host; raise it and
+# INFERENCE_SLOTS with the cores), each with 2 inference workers, so that one process can use
+# every core when the kernel hands it most of the connections, and 2 host-wide inference slots,
+# so that no more batches than cores run at once; /metrics sums the processes through
+# PROMETHEUS_MULTIPROC_DIR.
 
 FROM python:3.11-slim AS build
 ARG EXTRAS=""
@@ -26,6 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MOBILEVIT_MODEL_DIR=/srv/models/flowers-mobilevit-xxs \
     WEB_CONCURRENCY=2 \
     MOBILEVIT_INFERENCE_WORKERS=2 \
+    MOBILEVIT_INFERENCE_SLOTS=2 \
     MOBILEVIT_DECODE_THREADS=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/mobilevit-metrics
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app

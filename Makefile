@@ -29,12 +29,14 @@ install: $(VENV)/.serve
 install-dev: $(VENV)/.dev
 
 # WORKERS uvicorn processes, one per core, each with its own GIL and 2 inference workers, so a
-# process that the kernel hands most connections can still use every core (README,
-# "Benchmarks"). /metrics sums the processes through files in PROMETHEUS_MULTIPROC_DIR.
+# process that the kernel hands most connections can still use every core, and WORKERS host-wide
+# inference slots, so that no more batches than cores run at once (README, "Processes").
+# /metrics sums the processes through files in PROMETHEUS_MULTIPROC_DIR.
 serve: $(VENV)/.serve
 	PROMETHEUS_MULTIPROC_DIR=$${PROMETHEUS_MULTIPROC_DIR:-/tmp/mobilevit-metrics-$(PORT)} \
 	MOBILEVIT_INFERENCE_WORKERS=$${MOBILEVIT_INFERENCE_WORKERS:-2} \
 	MOBILEVIT_DECODE_THREADS=$${MOBILEVIT_DECODE_THREADS:-1} \
+	MOBILEVIT_INFERENCE_SLOTS=$${MOBILEVIT_INFERENCE_SLOTS:-$(WORKERS)} \
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: $(VENV)/.dev

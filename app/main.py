@@ -54,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
     )
     service.batcher = Batcher(
-        [replica.predict for replica in service.replicas],
+        service.predict_functions(),
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_s,
         queue_limit=settings.queue_limit,
@@ -82,6 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(0)
         await batcher.close(timeout=settings.request_timeout_s)
         service.decoder.close()
+        service.close()
         metrics.track_queue(lambda: 0)
         metrics.close()
         app.state.status = "stopped"

@@ -71,7 +71,7 @@ class Metrics:
         )
         self.inference_seconds = Histogram(
             "mobilevit_inference_seconds",
-            "Time of one backend call (a whole batch).",
+            "Time of one backend call (a whole batch), with any wait for a host inference slot.",
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )

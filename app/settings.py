@@ -6,6 +6,7 @@ configuration story; each field's docstring is its documentation (also in `Setti
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,15 @@ class Settings(BaseSettings):
     """Batches run concurrently, each on its own TFLite interpreter (a SavedModel is shared).
     With the default 2 workers x 1 thread a 2-core machine stays busy while requests decode;
     1 worker x 2 threads answers a lone request sooner (bench/serve.py measured both)."""
+
+    inference_slots: int = Field(default=0, ge=0, le=1024)
+    """Most batches running at once on this host, over all server processes that share
+    INFERENCE_SLOTS_DIR; 0 (default): no cap. With several processes of several inference
+    workers each, set it to the number of cores: a process can then use every core when the
+    others are idle, without more inference threads than cores when all are busy."""
+
+    inference_slots_dir: Path = Path(tempfile.gettempdir()) / "mobilevit-inference-slots"
+    """Directory of the slots' lock files; processes sharing it share the slots."""
 
     inference_threads: int = Field(default=1, ge=1)
     """Threads each worker's LiteRT interpreter (or TensorFlow's intra-op pool) may use."""

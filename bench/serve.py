@@ -3,16 +3,18 @@
     python -m bench.serve --model models/flowers-mobilevit-xxs
 
 Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve` and the Docker
-image run it (2 processes, each with 2 inference workers, batching on); "1proc", uvicorn's and the
-app's defaults (1 process with 2 inference workers x 1 thread); "off", 1proc with batching off
-(MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2 processes of 1 inference worker each,
-and "1x2", one process with one 2-thread worker. Drives
-each with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64
-concurrent clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
+image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, batching
+on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference workers x 1 thread);
+"off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2 processes
+of 1 inference worker each, and "1x2", one process with one 2-thread worker. Drives each with
+wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent
+clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
 decode + resize + inference of the same photos in a plain in-process loop on all cores.
 "CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
 FastAPI, batching) and in its other threads (decode, inference), over all its processes.
+"busiest" is, per round, how many of the connections the busiest server process held (the
+kernel hands each new connection to whichever process accepts first).
 
 This machine's speed drifts by +-20% within minutes, so each cell alternates ceiling and load in
 several short rounds (`--rounds`) and compares their means: the drift hits both sides alike.
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,7 +81,15 @@ def ceiling(model_dir: Path, artifact, blobs: list[bytes], size: int, seconds: f
     return best
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def start_server(port: int, env: dict) -> subprocess.Popen:
+    # Another server on the port would answer our health checks and take our load.
+    if port_in_use(port):
+        raise SystemExit(f"port {port} is already in use (another benchmark running?)")
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
@@ -144,6 +155,19 @@ def thread_cpu(pids: list[int]) -> tuple[float, float]:
     return loop, other
 
 
+def connections_by_process(port: int) -> dict[int, int]:
+    """Established connections to `port` per server process (from `ss`; {} without it)."""
+    try:
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    counts: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", out):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts
+
+
 def run_wrk(
     port: int, clients: int, seconds: int, photos: list[Path], server: int | None = None
 ) -> dict:
@@ -152,14 +176,20 @@ def run_wrk(
     pids = process_tree(server) if server else []
     loop0, work0 = thread_cpu(pids)
     busy0, total0 = cpu_times()
-    out = subprocess.run(
+    wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
          "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{port}/predict"],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    time.sleep(min(1.0, seconds / 2))
+    split = connections_by_process(port)
+    out, err = wrk.communicate()
+    if wrk.returncode != 0:
+        raise SystemExit(f"wrk failed: {err.strip()}")
     busy1, total1 = cpu_times()
     loop1, work1 = thread_cpu(pids)
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    result["most_conns"] = max(split.values(), default=0)
     result["busy"] = (busy1 - busy0) / max(1, total1 - total0)
     requests = max(1, int(re.search(r"(\d+) requests in", out).group(1)))
     result["loop_ms"] = (loop1 - loop0) * 1000 / requests
@@ -178,11 +208,13 @@ def run_wrk(
 MODES = {
     # uvicorn reads WEB_CONCURRENCY as --workers: one process (own GIL, own batcher) per core,
     # each with 2 inference workers, so that a process holding most connections (the kernel
-    # does not spread them evenly) still uses both cores.
+    # does not spread them evenly) still uses both cores, and 2 host-wide inference slots, so
+    # that no more than 2 batches run at once.
     "2proc": {
         "WEB_CONCURRENCY": "2",
         "MOBILEVIT_INFERENCE_WORKERS": "2",
         "MOBILEVIT_DECODE_THREADS": "1",
+        "MOBILEVIT_INFERENCE_SLOTS": "2",
     },
     # The same with one inference worker per process (the deployment before 2026-11-29).
     "2proc-1w": {
@@ -225,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
           "worst\n")  # fmt: skip
     print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}"
-          f"{'loop ms':>9}{'work ms':>9}")  # fmt: skip
+          f"{'loop ms':>9}{'work ms':>9}  busiest")  # fmt: skip
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
@@ -247,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 errors = sum(r["errors"] for r in runs)
                 busy = np.mean([r["busy"] for r in runs])
                 loop_ms, work_ms = (np.mean([r[k] for r in runs]) for k in ("loop_ms", "work_ms"))
+                busiest = ",".join(str(r["most_conns"]) for r in runs)
                 print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
                       f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}{loop_ms:>9.2f}"
-                      f"{work_ms:>9.2f}", flush=True)  # fmt: skip
+                      f"{work_ms:>9.2f}  {busiest}", flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
