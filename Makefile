@@ -68,7 +68,7 @@ evaluate: $(VENV)/.dev
 # Needs wrk (apt-get install wrk) for the HTTP runs; prints the tables quoted in README.
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
-	$(PY) -m bench.serve --model $(MODEL)
+	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-1w,1proc,off
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
 
