@@ -53,9 +53,14 @@ def open_slots(directory: Path, count: int) -> list[Slot]:
     """`count` slots in `directory` (created); [] for 0, or when it cannot be used (logged)."""
     if count <= 0:
         return []
+    slots: list[Slot] = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return [Slot(directory / f"slot-{index}.lock") for index in range(count)]
+        for index in range(count):
+            slots.append(Slot(directory / f"slot-{index}.lock"))
     except OSError as exc:
         logger.warning("inference slots off: cannot use %s (%s)", directory, exc)
+        for slot in slots:
+            slot.close()
         return []
+    return slots

@@ -94,6 +94,8 @@ def test_open_slots(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="app.slots"):
         assert open_slots(blocker / "slots", 2) == []  # serving goes on without a cap
     assert "inference slots off" in caplog.text
+    (tmp_path / "half" / "slot-1.lock").mkdir(parents=True)  # the second slot cannot open
+    assert open_slots(tmp_path / "half", 2) == []  # all or none, and none left open
 
 
 @pytest.mark.anyio
