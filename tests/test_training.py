@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -163,3 +164,33 @@ def test_missing_data_folder_is_a_clear_cli_error(tmp_path, capsys):
 
     assert main(["--data", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+
+
+def test_init_from_an_exported_model_directory(tiny_model_dir, tiny_run, photo_dir, tmp_path):
+    """A model directory's SavedModel seeds training (no .keras file needed) with the split its
+    recipe made, so the shipped model can be trained further in any later session."""
+    import keras
+
+    from training.export import earlier_runs
+    from training.train import main
+
+    tuned = tmp_path / "tuned"
+    assert main(["--data", str(photo_dir), "--run-dir", str(tuned), "--image-size",
+                 str(TINY_SIZE), "--epochs", "1", "--batch-size", "16", "--lr", "1e-9",
+                 "--no-ema", "--run-eagerly", "--init-from", str(tiny_model_dir)]) == 0  # fmt: skip
+    split, tuned_split = (json.loads((d / "split.json").read_text()) for d in (tiny_run, tuned))
+    assert (tuned_split["train"], tuned_split["val"]) == (split["train"], split["val"])
+    before, after = (keras.models.load_model(d / "final.keras") for d in (tiny_run, tuned))
+    for name in ("stem_conv", "probs"):
+        np.testing.assert_allclose(after.get_layer(name).get_weights()[0],
+                                   before.get_layer(name).get_weights()[0], atol=1e-6)  # fmt: skip
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    lineage = earlier_runs(json.loads((tuned / "report.json").read_text()))
+    assert lineage[0]["model"] == f"tiny-mobilevit {card['version']}"
+    assert (lineage[0]["epochs"], lineage[0]["image_size"]) == (10, TINY_SIZE)
+    # Photos of other classes than the model's labels: a CLI error, not a traceback.
+    two_classes = tmp_path / "two"
+    for label in ("blue", "red"):
+        shutil.copytree(photo_dir / label, two_classes / label)
+    assert main(["--data", str(two_classes), "--run-dir", str(tmp_path / "bad"), "--image-size",
+                 str(TINY_SIZE), "--init-from", str(tiny_model_dir)]) == 2  # fmt: skip

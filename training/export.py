@@ -323,6 +323,21 @@ def earlier_runs(report: dict) -> list[dict]:
     runs: list[dict] = []
     source = (report.get("recipe") or {}).get("init_from")
     while source and len(runs) < 10:
+        card_path = Path(source) / "model.json"
+        if card_path.is_file():  # an exported model directory carries its own lineage
+            card = json.loads(card_path.read_text())
+            training = card.get("training") or {}
+            runs.append({
+                "weights": source,
+                "model": f"{card.get('name')} {card.get('version')}",
+                "epochs": training.get("epochs"),
+                "image_size": training.get("trained_image_size"),
+                "wall_time_s": training.get("wall_time_s"),
+                "validation_top1": (card.get("metrics") or {}).get("validation_top1"),
+                "recipe": training.get("recipe"),
+            })  # fmt: skip
+            runs += training.get("initialised_from", [])
+            break
         path = Path(source).parent / "report.json"
         if not path.exists():
             runs.append({"weights": source, "report": None})

@@ -104,8 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N photos a class")
     p.add_argument(
         "--init-from",
-        help="start from another run's final.keras (e.g. to fine-tune at a larger --image-size); "
-        "that run's split.json is reused so its validation photos stay unseen",
+        help="start from another run's final.keras or from an exported model directory (e.g. "
+        "models/flowers-mobilevit-xxs); the source's train/validation split is reused so its "
+        "validation photos stay unseen",
     )
     args = p.parse_args(argv)
     if not args.resume and not (args.data or args.tfds):
@@ -124,6 +125,58 @@ def load_dataset(cfg: dict, limit_per_class: int = 0) -> Dataset:
         )
         dataset = dataset.subset(np.sort(keep))
     return dataset
+
+
+def source_weights(source: Path) -> dict[str, np.ndarray]:
+    """Weights by Keras path from a .keras file or an exported model directory's SavedModel."""
+    if (source / "model.json").is_file():
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise DataError(f"reading {source}/saved_model needs TensorFlow") from None
+        try:
+            restored = tf.saved_model.load(str(source / "saved_model"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {source}/saved_model: {exc}") from None
+        # `model.export` keeps each Keras variable's path as its TF name ("stem_conv/kernel:0").
+        return {v.name.rsplit(":", 1)[0]: v.numpy() for v in restored.variables}
+    try:
+        model = keras.models.load_model(source)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot start from {source}: {exc}") from None
+    return {w.path: w.numpy() for w in model.weights}
+
+
+def set_weights_by_path(model: keras.Model, weights: dict[str, np.ndarray], source: str) -> None:
+    """Load every weight of `model` from `weights`, refusing any missing or misshapen one."""
+    values = []
+    for w in model.weights:
+        value = weights.get(w.path)
+        if value is None or tuple(value.shape) != tuple(w.shape):
+            found = "missing" if value is None else f"shape {tuple(value.shape)}"
+            raise DataError(f"cannot start from {source}: {w.path} {tuple(w.shape)} is {found} "
+                            "there (another variant or class count?)")  # fmt: skip
+        values.append(value)
+    model.set_weights(values)
+
+
+def source_split(source: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The split the source was trained on: its run's split.json, or a model directory's recipe."""
+    if (source / "model.json").is_file():
+        card = json.loads((source / "model.json").read_text())
+        training = card.get("training") or {}
+        # A fine-tuned model inherited its split from the first run of its lineage.
+        recipes = [training.get("recipe")] + [r.get("recipe") for r in
+                                              training.get("initialised_from", [])]  # fmt: skip
+        recipe = next((r for r in reversed(recipes) if r and "seed" in r), {})
+        if card.get("labels") != dataset.class_names or not recipe:
+            raise DataError(f"--init-from {source}: its labels {card.get('labels')} or recipe do "
+                            f"not match these photos' classes {dataset.class_names}")  # fmt: skip
+        return stratified_split(dataset.labels, recipe["val_fraction"], recipe["seed"])
+    split = source.parent / "split.json"
+    if not split.exists():
+        raise DataError(f"--init-from needs the source run's split: {split} is missing")
+    return read_split(split, dataset)
 
 
 def make_optimizer(cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -344,10 +397,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset)
     elif cfg.get("init_from"):
-        source_split = Path(cfg["init_from"]).parent / "split.json"
-        if not source_split.exists():
-            raise DataError(f"--init-from needs the source run's split: {source_split} is missing")
-        train_idx, val_idx = read_split(source_split, dataset)
+        train_idx, val_idx = source_split(Path(cfg["init_from"]), dataset)
         write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
     else:
         train_idx, val_idx = stratified_split(dataset.labels, cfg["val_fraction"], cfg["seed"])
@@ -388,10 +438,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         if cfg.get("init_from"):
             # MobileViT has no positional embeddings: the weights fit any input size.
-            try:
-                model.set_weights(keras.models.load_model(cfg["init_from"]).get_weights())
-            except ValueError as exc:  # another variant or class count
-                raise DataError(f"cannot start from {cfg['init_from']}: {exc}") from None
+            set_weights_by_path(model, source_weights(Path(cfg["init_from"])), cfg["init_from"])
             log.info("initialised from %s", cfg["init_from"])
         model.compile(
             optimizer=make_optimizer(cfg, len(batches)),
