@@ -358,7 +358,7 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
             "queue_limit": settings.queue_limit,
             "inference_workers": settings.inference_workers,
             "inference_threads": settings.inference_threads,
-            "inference_slots": len(service.slots),
+            "inference_slots": settings.inference_slots if service.slots else 0,
             "decode_threads": settings.decode_threads,
         },
         "limits": {

@@ -15,7 +15,7 @@ from app.backends import Backend, check_shapes, open_backend
 from app.batcher import Batcher
 from app.decoding import Decoder
 from app.settings import Settings
-from app.slots import Predict, Slot, open_slots
+from app.slots import Predict, Slots, open_slots
 
 
 @dataclass
@@ -31,22 +31,22 @@ class Service:
     #: One backend per inference worker (TFLite interpreters are not thread-safe; a TensorFlow
     #: SavedModel is, so its workers share one).
     replicas: list[Backend] = field(default_factory=list)
-    #: Host-wide inference slots (INFERENCE_SLOTS); empty: no cap.
-    slots: list[Slot] = field(default_factory=list)
+    #: Each inference worker's handles on the host-wide slots (INFERENCE_SLOTS); empty: no cap.
+    slots: list[Slots] = field(default_factory=list)
     batcher: Batcher | None = None
     decoder: Decoder | None = None
     started: float = field(default_factory=time.monotonic)
 
     def predict_functions(self) -> list[Predict]:
-        """One per inference worker, for the batcher; worker i runs its batches in slot i mod N."""
+        """One per inference worker, for the batcher; with slots, each batch runs in a free one."""
         predicts = [replica.predict for replica in self.replicas]
         if not self.slots:
             return predicts
-        return [self.slots[i % len(self.slots)].wrap(p) for i, p in enumerate(predicts)]
+        return [slots.wrap(p) for slots, p in zip(self.slots, predicts, strict=True)]
 
     def close(self) -> None:
-        for slot in self.slots:
-            slot.close()
+        for slots in self.slots:
+            slots.close()
 
     @property
     def size(self) -> int:
@@ -123,5 +123,7 @@ def load_service(settings: Settings) -> Service:
         backend=backend,
         runtime=runtime_versions(settings.model_format),
         replicas=replicas,
-        slots=open_slots(settings.inference_slots_dir, settings.inference_slots),
+        slots=open_slots(
+            settings.inference_slots_dir, settings.inference_slots, workers=len(replicas)
+        ),
     )

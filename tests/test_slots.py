@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from app.slots import Slot, open_slots
+from app.slots import Slots, open_slots
 from tests.serving_helpers import image_bytes, make_settings, serve
 
 pytest_plugins = ["tests.serving_fixtures"]
@@ -33,7 +33,8 @@ def echo(images: np.ndarray) -> np.ndarray:
 
 
 def test_two_holders_of_one_slot_take_turns(tmp_path):
-    first, second = Slot(tmp_path / "slot-0.lock"), Slot(tmp_path / "slot-0.lock")
+    # Two workers of one process: each has its own descriptor, so flock excludes them too.
+    first, second = Slots([tmp_path / "slot-0.lock"]), Slots([tmp_path / "slot-0.lock"])
     inside, release = threading.Event(), threading.Event()
     order: list[str] = []
 
@@ -65,7 +66,7 @@ def test_a_slot_held_by_another_process_waits_until_that_process_dies(tmp_path):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert other.stdout.readline().strip() == "held"
-        slot = Slot(path)
+        slot = Slots([path])
         done = threading.Event()
         runner = threading.Thread(target=lambda: (slot.wrap(echo)(np.ones(2)), done.set()))
         runner.start()
@@ -79,23 +80,76 @@ def test_a_slot_held_by_another_process_waits_until_that_process_dies(tmp_path):
         other.wait(5)
 
 
+def test_a_batch_takes_any_free_slot_and_waits_only_when_all_are_taken(tmp_path):
+    paths = [tmp_path / "slot-0.lock", tmp_path / "slot-1.lock"]
+
+    def hold_elsewhere(path):
+        command = [sys.executable, "-c", HOLD_SLOT, str(path)]
+        other = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        others.append(other)
+        assert other.stdout.readline().strip() == "held"
+
+    others: list[subprocess.Popen] = []
+    worker = Slots(paths, preferred=0)
+    try:
+        hold_elsewhere(paths[0])  # another process has slot 0
+        seen: list[str] = []
+
+        def which_slot(images):
+            for path in paths:  # the one this call holds is the one nobody else can lock now
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    if path != paths[0]:
+                        seen.append(path.name)
+                finally:
+                    os.close(fd)
+            return images
+
+        first = threading.Thread(target=worker.wrap(which_slot), args=(np.zeros(1),))
+        first.start()
+        first.join(5)
+        assert not first.is_alive()  # it did not wait for slot 0: slot 1 was free
+        assert seen == ["slot-1.lock"]
+        hold_elsewhere(paths[1])  # now both are taken
+        done = threading.Event()
+        runner = threading.Thread(target=lambda: (worker.wrap(echo)(np.ones(2)), done.set()))
+        runner.start()
+        assert not done.wait(0.3)
+        others[1].kill()  # whichever slot frees up first, the batch gets one
+        others[0].kill()
+        assert done.wait(5)
+        runner.join(5)
+    finally:
+        worker.close()
+        for other in others:
+            other.kill()
+            other.wait(5)
+
+
 def test_open_slots(tmp_path, caplog):
-    assert open_slots(tmp_path / "none", 0) == []
-    slots = open_slots(tmp_path / "slots", 3)
+    assert open_slots(tmp_path / "none", 0, workers=2) == []
+    handles = open_slots(tmp_path / "slots", 3, workers=2)
+    assert len(handles) == 2  # one per worker, each over all three files
     assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == [
         "slot-0.lock",
         "slot-1.lock",
         "slot-2.lock",
     ]
-    for slot in slots:
-        slot.close()
+    for slots in handles:
+        assert len(slots.paths) == 3
+        slots.close()
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with caplog.at_level(logging.WARNING, logger="app.slots"):
-        assert open_slots(blocker / "slots", 2) == []  # serving goes on without a cap
+        assert open_slots(blocker / "slots", 2, workers=2) == []  # serving goes on without a cap
     assert "inference slots off" in caplog.text
     (tmp_path / "half" / "slot-1.lock").mkdir(parents=True)  # the second slot cannot open
-    assert open_slots(tmp_path / "half", 2) == []  # all or none, and none left open
+    before = len(os.listdir("/proc/self/fd"))
+    assert open_slots(tmp_path / "half", 2, workers=2) == []  # all or none
+    assert len(os.listdir("/proc/self/fd")) == before  # and no descriptor left open
 
 
 @pytest.mark.anyio
