@@ -169,9 +169,12 @@ def source_split(source: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray
         recipes = [training.get("recipe")] + [r.get("recipe") for r in
                                               training.get("initialised_from", [])]  # fmt: skip
         recipe = next((r for r in reversed(recipes) if r and "seed" in r), {})
-        if card.get("labels") != dataset.class_names or not recipe:
-            raise DataError(f"--init-from {source}: its labels {card.get('labels')} or recipe do "
-                            f"not match these photos' classes {dataset.class_names}")  # fmt: skip
+        if card.get("labels") != dataset.class_names:
+            raise DataError(f"--init-from {source}: its labels {card.get('labels')} are not "
+                            f"these photos' classes {dataset.class_names}")  # fmt: skip
+        if not recipe:
+            raise DataError(f"--init-from {source}: model.json records no training recipe, so "
+                            "its split cannot be remade")  # fmt: skip
         return stratified_split(dataset.labels, recipe["val_fraction"], recipe["seed"])
     split = source.parent / "split.json"
     if not split.exists():
