@@ -69,6 +69,7 @@ evaluate: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-1w,1proc,off
+	$(PY) -m bench.p99_ab --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
 

@@ -1,0 +1,131 @@
+"""One client: does batching change latency? Batching on and off, request by request.
+
+    python -m bench.p99_ab --model models/flowers-mobilevit-xxs
+
+For each mode of `bench.serve` (default: "2proc", the shipped deployment, and "1proc"), starts
+two servers side by side: the mode as it is ("on") and the same with MAX_BATCH_SIZE=1 ("off").
+One client then sends the same photo to both, pair after pair, in a random order within each
+pair, over one keep-alive connection to each. Both sides see the same moments of this machine,
+whose speed drifts by 20% within minutes, so whatever differs between their latencies comes
+from the servers, not from when they were measured. (Comparing separate 5-second rounds, as
+`bench.serve` does, mixes the two.)
+
+Prints p50, p90, p99, p99.9 and the worst latency of each side, and, for p50 and p99, the
+difference on-off with a 95% bootstrap interval over the pairs: an interval that holds 0 means
+no difference was found at this number of requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.serve import DEFAULT_PHOTOS, MODES, ROOT, photo_files, start_server
+
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def post(conn: http.client.HTTPConnection, body: bytes) -> float:
+    """Seconds for one /predict round trip (the body fully read); raises on a non-200."""
+    start = time.perf_counter()
+    conn.request("POST", "/predict?top_k=1", body, {"Content-Type": "image/jpeg"})
+    response = conn.getresponse()
+    payload = response.read()
+    elapsed = time.perf_counter() - start
+    if response.status != 200:
+        raise SystemExit(f"HTTP {response.status}: {payload[:200]!r}")
+    return elapsed
+
+
+def bootstrap_diff(on: np.ndarray, off: np.ndarray, q: float, rounds: int, seed: int):
+    """The q-th percentile of `on` minus that of `off`, and its 95% interval, resampling pairs."""
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(on), size=(rounds, len(on)))
+    diffs = np.percentile(on[index], q, axis=1) - np.percentile(off[index], q, axis=1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return np.percentile(on, q) - np.percentile(off, q), low, high
+
+
+def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Latencies (ms) of `args.requests` pairs against `mode` with batching on and off."""
+    servers, temp_dirs = [], []
+    try:
+        for offset, extra in enumerate(({}, {"MOBILEVIT_MAX_BATCH_SIZE": "1"})):
+            # Each server its own slot files and metrics directory: they must not share slots.
+            temp = tempfile.mkdtemp(prefix="bench-p99-")
+            temp_dirs.append(temp)
+            env = {**MODES[mode], **extra, "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
+                   "MOBILEVIT_INFERENCE_SLOTS_DIR": os.path.join(temp, "slots")}  # fmt: skip
+            if "WEB_CONCURRENCY" in env:
+                env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(temp, "metrics")
+                os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"])
+            servers.append(start_server(args.port + offset, env))
+        conns = [http.client.HTTPConnection("127.0.0.1", args.port + k, timeout=10) for k in (0, 1)]
+        for k in range(args.warmup):  # connections open, caches warm, on both sides
+            for conn in conns:
+                post(conn, blobs[k % len(blobs)])
+        order = random.Random(args.seed)
+        latencies = np.zeros((args.requests, 2))
+        for i in range(args.requests):
+            body = blobs[i % len(blobs)]
+            sides = [0, 1]
+            order.shuffle(sides)
+            for side in sides:
+                latencies[i, side] = post(conns[side], body) * 1000
+        for conn in conns:
+            conn.close()
+        return latencies[:, 0], latencies[:, 1]
+    finally:
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+        for temp in temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models/flowers-mobilevit-xxs")
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    p.add_argument("--modes", default="2proc,1proc", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument("--requests", type=int, default=4000, help="pairs of requests per mode")
+    p.add_argument("--warmup", type=int, default=50, help="pairs sent before measuring")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8765, help="'on' server; 'off' gets port + 1")
+    args = p.parse_args(argv)
+
+    blobs = [f.read_bytes() for f in photo_files(args.photos, 64)]
+    print(f"1 client, {args.requests} pairs per mode (the same photo to batching on and off, in "
+          f"random order), {len(blobs)} real JPEG photos as raw image/jpeg bodies, "
+          f"{os.cpu_count()} CPUs; latencies in ms\n")  # fmt: skip
+    heads = "".join(f"{'p' + format(q, 'g'):>8}" for q in PERCENTILES)
+    print(f"{'mode':<8}{'batching':>9}{heads}{'worst':>8}")
+    summaries = []
+    for mode in args.modes.split(","):
+        on, off = run_pair(mode, args, blobs)
+        for name, values in (("on", on), ("off", off)):
+            cells = "".join(f"{np.percentile(values, q):>8.2f}" for q in PERCENTILES)
+            print(f"{mode:<8}{name:>9}{cells}{values.max():>8.1f}", flush=True)
+        for q in (50, 99):
+            diff, low, high = bootstrap_diff(on, off, q, args.bootstrap, args.seed)
+            summaries.append(f"{mode:<8}{'p' + str(q):>5}{diff:>+10.2f}   [{low:+.2f}, {high:+.2f}]"
+                             f"   {np.mean(on > off):>6.0%}")  # fmt: skip
+    print(f"\non - off (ms), 95% bootstrap interval over the pairs; 'on slower' is the share of "
+          f"pairs where on took longer\n{'mode':<8}{'':>5}{'on - off':>10}   interval"
+          f"{'':>10}on slower")  # fmt: skip
+    print("\n".join(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
