@@ -1,7 +1,8 @@
 """From an HTTP request to model inputs: bounded body, multipart parts, decode in a thread pool.
 
 Order of checks, cheapest first: content type (415), declared `Content-Length` (413 before a
-byte is read), the body counted while it streams in (413 at the limit), then multipart parsing
+byte is read; 503 if the process's `BodyBudget` cannot hold it), the body counted while it
+streams in (413 at the limit, 503 past the budget), then multipart parsing
 of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
 `file` part), then decoding with the pixel limit checked from the image header (413) in
 `DECODE_THREADS` threads via `app.imaging.preprocess_bytes`.
@@ -59,8 +60,57 @@ def is_image_type(kind: str) -> bool:
     return kind.startswith("image/") or kind in RAW_TYPES
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+class BodyBudget:
+    """Bytes of request bodies one process may hold at once (MAX_INFLIGHT_UPLOAD_BYTES).
+
+    Bodies are buffered whole, then decoded. Without a bound, many large uploads at once could
+    take all the memory and get the process killed, with every request in it. A request takes
+    its share before reading (its Content-Length, or chunk by chunk without one) and gives it
+    back once its images are decoded; one that does not fit gets 503 with Retry-After at once.
+    Used from the event loop only, so plain integers need no lock.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self) -> BodyReservation:
+        return BodyReservation(self)
+
+
+class BodyReservation:
+    """One request's share of a `BodyBudget`; `with` gives it all back."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget = budget
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        budget = self.budget
+        if budget.used + size > budget.limit:
+            raise ApiError(
+                503,
+                f"too many uploads in progress ({budget.used} of {budget.limit} bytes buffered); "
+                "retry shortly",
+                code="overloaded",
+            )
+        budget.used += size
+        self.held += size
+
+    def release(self) -> None:
+        self.budget.used -= self.held
+        self.held = 0
+
+    def __enter__(self) -> BodyReservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+async def read_body(request: Request, limit: int, reservation: BodyReservation) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes, and (503)
+    when `reservation` cannot take it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -69,28 +119,33 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, "Content-Length is not a number") from None
         if size > limit:
             raise ApiError(413, f"request body is {size} bytes; the limit is {limit} bytes")
+        reservation.take(max(0, size))
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+            if len(body) > reservation.held:  # no (or a short) Content-Length
+                reservation.take(len(body) - reservation.held)
     except ClientDisconnect:
         raise ApiError(400, "client disconnected before sending the whole body") from None
     return bytes(body)
 
 
-async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
+async def read_uploads(
+    request: Request, max_bytes: int, max_files: int, reservation: BodyReservation
+) -> list[Upload]:
     """Images of a `/predict` request: multipart `file` parts, or one raw `image/*` body."""
     kind, options = media_type(request.headers.get("content-type"))
     if kind == "multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
             raise ApiError(400, "multipart/form-data without a boundary parameter")
-        body = await read_body(request, max_bytes)
+        body = await read_body(request, max_bytes, reservation)
         return parse_multipart(body, boundary, max_files)
     if is_image_type(kind):
-        body = await read_body(request, max_bytes)
+        body = await read_body(request, max_bytes, reservation)
         if not body:
             raise ApiError(400, "empty request body; send the image bytes")
         disposition = request.headers.get("content-disposition")

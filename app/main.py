@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from app import routes, v2
 from app.artifacts import ArtifactError
 from app.batcher import Batcher
-from app.decoding import Decoder
+from app.decoding import BodyBudget, Decoder
 from app.errors import install_error_handlers
 from app.imaging import DecodeLimits
 from app.metrics import Metrics, MetricsMiddleware
@@ -53,6 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.decoder = Decoder(
         service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
     )
+    service.body_budget = BodyBudget(settings.max_inflight_upload_bytes)
     service.batcher = Batcher(
         service.predict_functions(),
         max_batch_size=settings.max_batch_size,

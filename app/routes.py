@@ -195,20 +195,27 @@ async def predict(request: Request) -> Response:
     settings = service.settings
     labels = service.card.labels
     k = parse_top_k(request.query_params.get("top_k"), len(labels))
-    assert service.decoder is not None
+    assert service.decoder is not None and service.body_budget is not None
     started = time.perf_counter()
     async with RequestDeadline(request, settings.request_timeout_s) as deadline:
-        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
-        deadline.watch_client()
-        decode_started = time.perf_counter()
-        images = await service.decoder.decode(uploads)
+        with service.body_budget.reserve() as reservation:
+            uploads = await read_uploads(
+                request, settings.max_upload_bytes, settings.max_files, reservation
+            )
+            deadline.watch_client()
+            decode_started = time.perf_counter()
+            images = await service.decoder.decode(uploads)
+        # The encoded bytes are no longer needed: a request waiting in the queue holds only
+        # its decoded pixels, which the queue limit bounds.
+        filenames = [upload.filename for upload in uploads]
+        del uploads
         infer_started = time.perf_counter()
         rows = await classify(service, images)
     done = time.perf_counter()
     predictions = []
-    for upload, row in zip(uploads, rows, strict=True):
+    for filename, row in zip(filenames, rows, strict=True):
         top = top_predictions(labels, row, k)
-        predictions.append({"filename": upload.filename, **top[0], "top_k": top})
+        predictions.append({"filename": filename, **top[0], "top_k": top})
     return JSONResponse(
         {
             "model": service.model_ref(),
@@ -363,6 +370,7 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
         },
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
+            "max_inflight_upload_bytes": settings.max_inflight_upload_bytes,
             "max_image_pixels": settings.max_image_pixels,
             "max_files": settings.max_files,
             "request_timeout_s": settings.request_timeout_s,

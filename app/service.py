@@ -13,7 +13,7 @@ import numpy as np
 from app.artifacts import Artifact, ArtifactError, ModelCard, load_model_card
 from app.backends import Backend, check_shapes, open_backend
 from app.batcher import Batcher
-from app.decoding import Decoder
+from app.decoding import BodyBudget, Decoder
 from app.settings import Settings
 from app.slots import Predict, Slots, open_slots
 
@@ -35,6 +35,7 @@ class Service:
     slots: list[Slots] = field(default_factory=list)
     batcher: Batcher | None = None
     decoder: Decoder | None = None
+    body_budget: BodyBudget | None = None
     started: float = field(default_factory=time.monotonic)
 
     def predict_functions(self) -> list[Predict]:

@@ -10,11 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flowers-mobilevit-xxs"
+DEFAULT_INFLIGHT_UPLOAD_BYTES = 256 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -72,6 +73,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     """Largest request body accepted (bytes); larger gets 413 before it is buffered."""
 
+    max_inflight_upload_bytes: int | None = Field(default=None, ge=1)
+    """Most bytes of request bodies one server process buffers at once (bodies being read or
+    decoded); a request that does not fit gets 503 with `Retry-After`. It bounds the memory
+    that many large uploads at once can take. Default: 256 MiB, or MAX_UPLOAD_BYTES if that is
+    larger; set, it must be at least MAX_UPLOAD_BYTES."""
+
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     """Largest image (width x height) decoded; checked from the header, larger gets 413."""
 
@@ -98,6 +105,20 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_artifact_is_default(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _one_upload_fits_in_flight(self) -> Settings:
+        if self.max_inflight_upload_bytes is None:
+            self.max_inflight_upload_bytes = max(
+                DEFAULT_INFLIGHT_UPLOAD_BYTES, self.max_upload_bytes
+            )
+        elif self.max_inflight_upload_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"MAX_INFLIGHT_UPLOAD_BYTES ({self.max_inflight_upload_bytes}) must be at least "
+                f"MAX_UPLOAD_BYTES ({self.max_upload_bytes}), or the largest upload could never "
+                "be accepted"
+            )
+        return self
 
     @property
     def max_batch_wait_s(self) -> float:

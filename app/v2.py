@@ -226,23 +226,27 @@ def check_outputs(request: InferRequest) -> None:
 
 def _parse_and_check(
     body: bytes, size: int, max_images: int
-) -> tuple[InferRequest, list[np.ndarray]]:
+) -> tuple[str | None, list[np.ndarray]]:
+    """The request's id and its images. Only these are kept: the parsed JSON lists take many
+    times the memory of the pixels they hold, and a request may wait in the queue a while."""
     infer_request = parse_request(body)
     check_outputs(infer_request)
-    return infer_request, input_images(infer_request, size, max_images)
+    return infer_request.id, input_images(infer_request, size, max_images)
 
 
 async def _infer(request: Request, service: Service, name: str, version: str | None) -> dict:
     _model(service, name, version)
     settings = service.settings
+    assert service.decoder is not None and service.body_budget is not None
     async with RequestDeadline(request, settings.request_timeout_s) as deadline:
-        body = await read_body(request, settings.max_upload_bytes)
-        deadline.watch_client()
-        assert service.decoder is not None
-        # JSON parsing and tensor checks of a body of up to MAX_UPLOAD_BYTES run off the loop.
-        infer_request, images = await service.decoder.run(
-            _parse_and_check, body, service.size, settings.max_files
-        )
+        with service.body_budget.reserve() as reservation:
+            body = await read_body(request, settings.max_upload_bytes, reservation)
+            deadline.watch_client()
+            # JSON parsing and tensor checks of a body of up to MAX_UPLOAD_BYTES run off the loop.
+            request_id, images = await service.decoder.run(
+                _parse_and_check, body, service.size, settings.max_files
+            )
+            del body
         rows = await classify(service, images)
     probabilities = np.stack(rows).astype(np.float32)  # N x [C] -> [N, C]
     answer: dict[str, Any] = {
@@ -257,8 +261,8 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
             }
         ],
     }
-    if infer_request.id is not None:
-        answer["id"] = infer_request.id
+    if request_id is not None:
+        answer["id"] = request_id
     return answer
 
 

@@ -12,6 +12,7 @@ the very app that was overloaded, timed out, failed and refused.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from PIL import Image
 from pydantic import SecretStr
 
 from app.artifacts import sha256_path
@@ -348,6 +350,60 @@ async def test_overload_is_refused_at_once_with_503_and_recovers(harness):
     for colour, response in served:
         assert_label(response, colour)
     assert_label(await post(h.client, "green"), "green")  # load gone: served normally
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    """An image that PNG cannot compress: its size in bytes is about 3 x side x side."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def body_in_pieces(data: bytes, sent_half: asyncio.Event | None = None, go_on=None):
+    """`data` in 4 KiB pieces; with events: after half of it, `sent_half`, then wait for `go_on`."""
+    half = len(data) // 2
+    for start in range(0, len(data), 4096):
+        if sent_half is not None and start >= half and not sent_half.is_set():
+            sent_half.set()
+            await go_on.wait()
+        yield data[start : start + 4096]
+
+
+@pytest.mark.anyio
+async def test_uploads_in_flight_are_bounded_and_refused_with_503(harness):
+    h = harness
+    big = noise_png(96)
+    budget = h.app.state.service.body_budget
+    h.set(budget, limit=len(big) + len(big) // 2)  # one big body fits, two do not
+    png = {"Content-Type": "image/png"}
+
+    sent_half, go_on = asyncio.Event(), asyncio.Event()
+    held = asyncio.create_task(
+        h.client.post(
+            "/predict",
+            content=body_in_pieces(big, sent_half, go_on),
+            headers={**png, "Content-Length": str(len(big))},
+        )
+    )
+    async with asyncio.timeout(30):
+        await sent_half.wait()
+    assert budget.used == len(big)  # taken from Content-Length before the body arrives
+
+    # Another body that does not fit is refused at once, declared or not (chunked).
+    body = assert_error(await h.client.post("/predict", content=big, headers=png), 503)
+    assert body["code"] == "overloaded" and "uploads in progress" in body["error"]
+    chunked = await h.client.post("/predict", content=body_in_pieces(big), headers=png)
+    assert_error(chunked, 503, "overloaded")
+    assert budget.used == len(big)  # the refused ones gave their share back
+    assert_label(await post(h.client, "red"), "red")  # a small upload still fits
+
+    go_on.set()
+    async with asyncio.timeout(30):
+        assert (await held).status_code == 200
+    assert budget.used == 0
+    assert (await h.client.post("/predict", content=big, headers=png)).status_code == 200
+    assert budget.used == 0
 
 
 # ---- 3. deadline -----------------------------------------------------------------------------

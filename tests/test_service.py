@@ -68,6 +68,7 @@ def test_settings_defaults_and_environment(monkeypatch):
     assert (settings.inference_workers, settings.inference_threads) == (2, 1)
     assert settings.decode_threads == 2
     assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.max_inflight_upload_bytes == 256 * 1024 * 1024
     assert (settings.max_image_pixels, settings.max_files) == (40_000_000, 16)
     assert settings.request_timeout_s == 30 and settings.api_key is None
     assert all(field.description for field in Settings.model_fields.values())
@@ -84,6 +85,13 @@ def test_settings_defaults_and_environment(monkeypatch):
     monkeypatch.setenv("MOBILEVIT_MODEL_FORMAT", "onnx")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_the_upload_budget_holds_at_least_the_largest_upload():
+    assert Settings(max_upload_bytes=2**30).max_inflight_upload_bytes == 2**30  # default follows
+    assert Settings(max_inflight_upload_bytes=2**20, max_upload_bytes=2**20)
+    with pytest.raises(ValueError, match="MAX_INFLIGHT_UPLOAD_BYTES"):
+        Settings(max_inflight_upload_bytes=2**20, max_upload_bytes=2**21)
 
 
 def test_import_and_create_app_load_nothing(tmp_path):
