@@ -71,6 +71,7 @@ bench: $(VENV)/.dev
 	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-1w,1proc,off
 	$(PY) -m bench.p99_ab --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
+	$(PY) -m bench.upload_burst --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
 
 clean:
