@@ -8,10 +8,11 @@ WORKERS ?= 2
 DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
+EXPORT_DIR ?= models/$(notdir $(RUN))
 
 .PHONY: serve test test-slow lint format train export evaluate bench install install-dev clean
 
-# Serving extras only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow).
+# Serving dependencies only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow).
 $(VENV)/.serve: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -59,11 +60,12 @@ format: $(VENV)/.dev
 train: $(VENV)/.dev
 	$(PY) -m training.train --data $(DATA) --run-dir $(RUN)
 
+# Into models/<run name>; refuses an existing directory, so the shipped model is never replaced.
 export: $(VENV)/.dev
-	$(PY) -m training.export $(RUN) --out $(MODEL) --overwrite
+	$(PY) -m training.export $(RUN) --out $(EXPORT_DIR)
 
 evaluate: $(VENV)/.dev
-	$(PY) -m training.evaluate $(MODEL) $(DATA) --format tflite
+	$(PY) -m training.evaluate $(MODEL) $(DATA) --format tflite --split validation --out runs/evaluation
 
 # Needs wrk (apt-get install wrk) for the HTTP runs; prints the tables quoted in README.
 bench: $(VENV)/.dev

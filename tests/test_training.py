@@ -108,6 +108,13 @@ def test_evaluate_command_on_a_labelled_folder(tiny_run, photo_dir, tmp_path, ca
     assert "top-1" in printed and "confusion matrix" in printed
     result = json.loads((out / "evaluation.json").read_text())
     assert result["num_images"] == 60 and (out / "confusion.png").is_file()
+    # Only the photos of the run's validation split: the figure the training report gave.
+    assert main([str(tiny_run), str(photo_dir), "--out", str(out), "--split", "validation"]) == 0
+    split = json.loads((tiny_run / "split.json").read_text())
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["num_images"] == len(split["val"]) == 15
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert result["top1"] == pytest.approx(report["validation"]["top1"], abs=1e-3)
 
 
 def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):

@@ -142,13 +142,41 @@ def write_split(path: str | os.PathLike, dataset: Dataset, train_idx, val_idx, s
     Path(path).write_text(json.dumps(split, indent=1))
 
 
-def read_split(path: str | os.PathLike, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a split written by `write_split`; photos missing now are dropped."""
+def read_split(path: str | os.PathLike, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into `paths` of a split written by `write_split`; photos missing now are dropped."""
     split = json.loads(Path(path).read_text())
-    index = {p: i for i, p in enumerate(dataset.paths)}
+    index = {p: i for i, p in enumerate(paths)}
     train = np.asarray([index[p] for p in split["train"] if p in index], dtype=np.int64)
     val = np.asarray([index[p] for p in split["val"] if p in index], dtype=np.int64)
     return train, val
+
+
+def recorded_split(
+    source: Path, paths: Sequence[str], labels: np.ndarray, class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, validation) indices into `paths` that `source` was trained on.
+
+    `source` is an exported model directory (the split is remade from the seed and validation
+    fraction of its recipe, taking the first run of its lineage, whose split later runs
+    inherit), a run directory, or a `.keras` file in one (the run's split.json).
+    """
+    if (source / "model.json").is_file():
+        card = json.loads((source / "model.json").read_text())
+        training = card.get("training") or {}
+        recipes = [training.get("recipe")] + [r.get("recipe") for r in
+                                              training.get("initialised_from", [])]  # fmt: skip
+        recipe = next((r for r in reversed(recipes) if r and "seed" in r), {})
+        if card.get("labels") != class_names:
+            raise DataError(f"{source}: its labels {card.get('labels')} are not these photos' "
+                            f"classes {class_names}")  # fmt: skip
+        if not recipe:
+            raise DataError(f"{source}: model.json records no training recipe, so its split "
+                            "cannot be remade")  # fmt: skip
+        return stratified_split(np.asarray(labels), recipe["val_fraction"], recipe["seed"])
+    split = source / "split.json" if source.is_dir() else source.parent / "split.json"
+    if not split.is_file():
+        raise DataError(f"{split} is missing, so the photos {source} was trained on are unknown")
+    return read_split(split, paths)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
     python -m training.evaluate runs/flowers ../my_photos  # Keras: final.keras, else best.keras
     python -m training.evaluate models/flowers-mobilevit-xxs ../my_photos --format tflite
+    python -m training.evaluate models/flowers-mobilevit-xxs ../photos --split validation
+
+With `--split validation`, only the photos the model was validated on (never trained on) are
+scored: the split recorded by its run (split.json) or remade from its model.json recipe.
 
 Photos go through the serving preprocessing (`app.imaging.preprocess_file`). Prints top-1,
 per-class precision/recall and the confusion matrix; writes evaluation.json and confusion.png.
@@ -21,7 +25,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from app.imaging import ImageError, preprocess_file
-from training.data import DataError, scan_folder
+from training.data import DataError, recorded_split, scan_folder
 from training.report import classification_metrics, format_metrics, plot_confusion
 
 log = logging.getLogger("training.evaluate")
@@ -57,9 +61,13 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
 
 
 def evaluate(source: Path, data_dir: Path, fmt: str = "keras", artifact: str | None = None,
-             batch_size: int = 32) -> dict:  # fmt: skip
+             batch_size: int = 32, split: str = "all") -> dict:  # fmt: skip
     predict, labels, size = load_predictor(source, fmt, artifact)
     paths, folder_labels, class_names = scan_folder(data_dir)
+    if split == "validation":
+        _, val = recorded_split(source, paths, np.asarray(folder_labels), class_names)
+        paths, folder_labels = [paths[i] for i in val], [folder_labels[i] for i in val]
+        log.info("%d validation photos of %s's recorded split", len(paths), source)
     unknown = sorted(set(class_names) - set(labels))
     if unknown:
         raise DataError(f"class folders {unknown} are not among the model's labels {labels}")
@@ -97,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         "--artifact", help="for a model directory: artifact file, e.g. model_int8.tflite"
     )
     p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "validation"],
+        help="all photos of the folder, or only those of the model's recorded validation split",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("evaluation"),
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        metrics = evaluate(args.model, args.data, args.format, args.artifact)
+        metrics = evaluate(args.model, args.data, args.format, args.artifact, split=args.split)
     except (DataError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

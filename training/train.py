@@ -36,6 +36,7 @@ from training.data import (
     load_folder,
     load_tfds,
     read_split,
+    recorded_split,
     stratified_split,
     write_split,
 )
@@ -158,28 +159,6 @@ def set_weights_by_path(model: keras.Model, weights: dict[str, np.ndarray], sour
                             "there (another variant or class count?)")  # fmt: skip
         values.append(value)
     model.set_weights(values)
-
-
-def source_split(source: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The split the source was trained on: its run's split.json, or a model directory's recipe."""
-    if (source / "model.json").is_file():
-        card = json.loads((source / "model.json").read_text())
-        training = card.get("training") or {}
-        # A fine-tuned model inherited its split from the first run of its lineage.
-        recipes = [training.get("recipe")] + [r.get("recipe") for r in
-                                              training.get("initialised_from", [])]  # fmt: skip
-        recipe = next((r for r in reversed(recipes) if r and "seed" in r), {})
-        if card.get("labels") != dataset.class_names:
-            raise DataError(f"--init-from {source}: its labels {card.get('labels')} are not "
-                            f"these photos' classes {dataset.class_names}")  # fmt: skip
-        if not recipe:
-            raise DataError(f"--init-from {source}: model.json records no training recipe, so "
-                            "its split cannot be remade")  # fmt: skip
-        return stratified_split(dataset.labels, recipe["val_fraction"], recipe["seed"])
-    split = source.parent / "split.json"
-    if not split.exists():
-        raise DataError(f"--init-from needs the source run's split: {split} is missing")
-    return read_split(split, dataset)
 
 
 def make_optimizer(cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -398,9 +377,11 @@ def train(args: argparse.Namespace) -> dict:
     keras.mixed_precision.set_global_policy(cfg["precision"])
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
-        train_idx, val_idx = read_split(run_dir / "split.json", dataset)
+        train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)
     elif cfg.get("init_from"):
-        train_idx, val_idx = source_split(Path(cfg["init_from"]), dataset)
+        train_idx, val_idx = recorded_split(
+            Path(cfg["init_from"]), dataset.paths, dataset.labels, dataset.class_names
+        )
         write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
     else:
         train_idx, val_idx = stratified_split(dataset.labels, cfg["val_fraction"], cfg["seed"])
