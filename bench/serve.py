@@ -6,10 +6,11 @@ Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve
 image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, batching
 on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference workers x 1 thread);
 "off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2 processes
-of 1 inference worker each, and "1x2", one process with one 2-thread worker. Drives each with
-wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent
-clients, and prints throughput, p50/p99 latency and errors next to the ceiling:
-decode + resize + inference of the same photos in a plain in-process loop on all cores.
+of 1 inference worker each, "2proc-log", 2proc with uvicorn's access log on, and "1x2", one
+process with one 2-thread worker. Drives each with wrk (one load thread, real photos as raw
+image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients, and prints throughput, p50/p99
+latency and errors next to the ceiling: decode + resize + inference of the same photos in a
+plain in-process loop on all cores.
 "CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
 FastAPI, batching) and in its other threads (decode, inference), over all its processes.
@@ -87,24 +88,30 @@ def port_in_use(port: int) -> bool:
 
 
 def start_server(port: int, env: dict) -> subprocess.Popen:
+    """`uvicorn app.main:app` as `make serve` and the image run it (no access log unless `env`
+    asks for one), ready to answer."""
     # Another server on the port would answer our health checks and take our load.
     if port_in_use(port):
         raise SystemExit(f"port {port} is already in use (another benchmark running?)")
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-    proc.kill()
-    raise SystemExit("server did not become ready in 120 s")
+           "--port", str(port)]  # fmt: skip
+    env = {"UVICORN_ACCESS_LOG": "false", **env}
+    # Its log goes to a file, as a container's goes to its log driver; shown if it fails to start.
+    with tempfile.TemporaryFile() as log:  # the server keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                time.sleep(0.3)
+        proc.kill()
+        log.seek(0)
+        tail = log.read()[-3000:].decode(errors="replace")
+    raise SystemExit(f"server did not become ready (exit code {proc.poll()}):\n{tail}")
 
 
 def _ms(text: str) -> float:
@@ -226,6 +233,8 @@ MODES = {
     "off": {"MOBILEVIT_MAX_BATCH_SIZE": "1"},
     "1x2": {"MOBILEVIT_INFERENCE_WORKERS": "1", "MOBILEVIT_INFERENCE_THREADS": "2"},
 }
+# 2proc with uvicorn's access log on (a line per request; off in `make serve` and the image).
+MODES["2proc-log"] = {**MODES["2proc"], "UVICORN_ACCESS_LOG": "true"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,9 @@ def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+    log = proc.stdout.read().decode()
+    assert "Application startup complete" in log
+    assert "POST /predict" not in log  # no access log line per request (UVICORN_ACCESS_LOG)
     assert _metric(text, requests) == sent
     assert _metric(text, "mobilevit_images_classified_total") == sent
     assert _metric(text, "mobilevit_ready ") == 1.0
