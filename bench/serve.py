@@ -13,7 +13,8 @@ latency and errors next to the ceiling: decode + resize + inference of the same 
 plain in-process loop on all cores.
 "CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
-FastAPI, batching) and in its other threads (decode, inference), over all its processes.
+FastAPI, batching) and in its other threads (decode, inference), over all its processes; "wrk ms"
+is the load generator's own CPU time per request, which the ceiling does not have to share.
 "busiest" is, per round, how many of the connections the busiest server process held (the
 kernel hands each new connection to whichever process accepts first).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -162,6 +164,12 @@ def thread_cpu(pids: list[int]) -> tuple[float, float]:
     return loop, other
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (wrk, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def connections_by_process(port: int) -> dict[int, int]:
     """Established connections to `port` per server process (from `ss`; {} without it)."""
     try:
@@ -178,29 +186,35 @@ def connections_by_process(port: int) -> dict[int, int]:
 def run_wrk(
     port: int, clients: int, seconds: int, photos: list[Path], server: int | None = None
 ) -> dict:
-    """wrk's figures; with the `server` pid, also its CPU ms per request (loop_ms, work_ms)."""
+    """wrk's figures, its own CPU ms per request (client_ms) and, with the `server` pid, the
+    server's (loop_ms, work_ms)."""
     env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos)}
     pids = process_tree(server) if server else []
     loop0, work0 = thread_cpu(pids)
     busy0, total0 = cpu_times()
+    client0 = children_cpu()
     wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
          "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{port}/predict"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     time.sleep(min(1.0, seconds / 2))
+    ss0 = children_cpu()
     split = connections_by_process(port)
+    ss_seconds = children_cpu() - ss0
     out, err = wrk.communicate()
     if wrk.returncode != 0:
         raise SystemExit(f"wrk failed: {err.strip()}")
     busy1, total1 = cpu_times()
     loop1, work1 = thread_cpu(pids)
+    client_seconds = children_cpu() - client0 - ss_seconds  # wrk's own CPU, `ss` taken out
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
     result["most_conns"] = max(split.values(), default=0)
     result["busy"] = (busy1 - busy0) / max(1, total1 - total0)
     requests = max(1, int(re.search(r"(\d+) requests in", out).group(1)))
     result["loop_ms"] = (loop1 - loop0) * 1000 / requests
     result["work_ms"] = (work1 - work0) * 1000 / requests
+    result["client_ms"] = client_seconds * 1000 / requests
     # wrk pads second-valued latencies with a trailing space ("1.38s ").
     result["p50"] = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))
     result["p99"] = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
           "worst\n")  # fmt: skip
     print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}"
-          f"{'loop ms':>9}{'work ms':>9}  busiest")  # fmt: skip
+          f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}  busiest")  # fmt: skip
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
@@ -287,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                 p99 = max(r["p99"] for r in runs)
                 errors = sum(r["errors"] for r in runs)
                 busy = np.mean([r["busy"] for r in runs])
-                loop_ms, work_ms = (np.mean([r[k] for r in runs]) for k in ("loop_ms", "work_ms"))
+                cpu = ("loop_ms", "work_ms", "client_ms")
+                loop_ms, work_ms, wrk_ms = (np.mean([r[k] for r in runs]) for k in cpu)
                 busiest = ",".join(str(r["most_conns"]) for r in runs)
                 print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
                       f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}{loop_ms:>9.2f}"
-                      f"{work_ms:>9.2f}  {busiest}", flush=True)  # fmt: skip
+                      f"{work_ms:>9.2f}{wrk_ms:>8.2f}  {busiest}", flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
