@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from PIL import Image
 from app.main import create_app
 from app.settings import Settings
 
+REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("tflite", "savedmodel")
 LABELS = ("blue", "green", "red")
 SOLID = {"blue": (30, 60, 220), "green": (40, 190, 60), "red": (220, 40, 40)}
@@ -152,3 +156,24 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
             total += float(value)
     return total
+
+
+# ---- a real uvicorn server in a subprocess ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(model_dir: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOBILEVIT_")}
+    env.update(MOBILEVIT_MODEL_DIR=str(model_dir), PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    env.update({f"MOBILEVIT_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def uvicorn_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+            "--port", str(port)]  # fmt: skip

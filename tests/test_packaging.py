@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.serving_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -64,12 +65,6 @@ def test_compose_file_is_valid():
     assert "read_only: true" in result.stdout and "healthcheck" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metric(text: str, line_start: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(line_start))  # fmt: skip
@@ -81,7 +76,7 @@ def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
     srv = tmp_path / "srv"
     shutil.copytree(ROOT / "app", srv / "app", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_model_dir, srv / "models" / "tiny")
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / image_cmd()[0]), *image_cmd()[1:]]
     cmd[cmd.index("--port") + 1] = str(port)
     metrics_dir = tmp_path / "metrics"

@@ -2,53 +2,42 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.serving_helpers import (
+    LABELS,
+    REPO,
+    free_port,
+    metric_value,
+    server_env,
+    uvicorn_command,
+)
 
 
 def readme_client() -> str:
     """The README's `# classify.py` code block."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     return re.search(r"```python\n(# classify\.py\n.*?)```", readme, re.S).group(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metric(text: str, line_start: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(line_start))  # fmt: skip
 
 
 def test_readme_client_classifies_every_photo_through_busy_answers(
     tiny_model_dir, photo_dir, tmp_path
 ):
-    # Room for only a few bodies at once, so that most of the client's concurrent requests
-    # first get 503 + Retry-After and the client's retry path is what completes them.
+    # Room for only two bodies at once, so that most of the client's concurrent requests first
+    # get 503 + Retry-After and the client's retry path is what completes them.
     photos = sorted(photo_dir.rglob("*.jpg"))[:16]
     largest = max(p.stat().st_size for p in photos) + 1024  # with the multipart envelope
-    port = _free_port()
-    env = {**os.environ, "MOBILEVIT_MODEL_DIR": str(tiny_model_dir),
-           "MOBILEVIT_MAX_UPLOAD_BYTES": str(largest),
-           "MOBILEVIT_MAX_INFLIGHT_UPLOAD_BYTES": str(2 * largest),
-           "UVICORN_ACCESS_LOG": "false"}  # fmt: skip
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port = free_port()
+    env = server_env(tiny_model_dir, max_upload_bytes=str(largest),
+                     max_inflight_upload_bytes=str(2 * largest))  # fmt: skip
+    server = subprocess.Popen(uvicorn_command(port), cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -77,7 +66,8 @@ def test_readme_client_classifies_every_photo_through_busy_answers(
     assert [line.split(":")[0] for line in lines] == names  # one line each, in order
     for line in lines:
         label, score = line.split(": ")[1].split()
-        assert label in ("blue", "green", "red") and 0 < float(score) <= 1
-    route = 'mobilevit_http_requests_total{method="POST",route="/predict",status='
-    assert _metric(metrics, route + '"200"}') == len(names)
-    assert _metric(metrics, route + '"503"}') > 0  # the retries were needed, and they worked
+        assert label in LABELS and 0 < float(score) <= 1
+    answered = {status: metric_value(metrics, "mobilevit_http_requests_total", route="/predict",
+                                     status=status) for status in ("200", "503")}  # fmt: skip
+    assert answered["200"] == len(names)
+    assert answered["503"] > 0  # the retries were needed, and they worked

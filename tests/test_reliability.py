@@ -15,12 +15,9 @@ import asyncio
 import io
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -43,10 +40,13 @@ from tests.serving_helpers import (
     Lifespan,
     Served,
     assert_error,
+    free_port,
     image_bytes,
     make_settings,
     metric_value,
     serve,
+    server_env,
+    uvicorn_command,
 )
 
 pytest_plugins = ["tests.serving_fixtures"]
@@ -181,24 +181,6 @@ async def harness(shared) -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.restore()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_env(model_dir: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOBILEVIT_")}
-    env.update(MOBILEVIT_MODEL_DIR=str(model_dir), PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    env.update({f"MOBILEVIT_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
-def uvicorn_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-            "--port", str(port)]  # fmt: skip
 
 
 # ---- 1. graceful shutdown --------------------------------------------------------------------
