@@ -6,11 +6,11 @@ Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve
 image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, batching
 on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference workers x 1 thread);
 "off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2 processes
-of 1 inference worker each, "2proc-log", 2proc with uvicorn's access log on, and "1x2", one
-process with one 2-thread worker. Drives each with wrk (one load thread, real photos as raw
-image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients, and prints throughput, p50/p99
-latency and errors next to the ceiling: decode + resize + inference of the same photos in a
-plain in-process loop on all cores.
+of 1 inference worker each, "2proc-log", 2proc with uvicorn's access log on, "3proc", 2proc
+with a third process, and "1x2", one process with one 2-thread worker. Drives each with wrk
+(one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients,
+and prints throughput, p50/p99 latency and errors next to the ceiling: decode + resize +
+inference of the same photos in a plain in-process loop on all cores.
 "CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
 FastAPI, batching) and in its other threads (decode, inference), over all its processes; "wrk ms"
@@ -249,6 +249,8 @@ MODES = {
 }
 # 2proc with uvicorn's access log on (a line per request; off in `make serve` and the image).
 MODES["2proc-log"] = {**MODES["2proc"], "UVICORN_ACCESS_LOG": "true"}
+# 2proc with a third process on the same two slots.
+MODES["3proc"] = {**MODES["2proc"], "WEB_CONCURRENCY": "3"}
 
 
 def main(argv: list[str] | None = None) -> int:
