@@ -40,13 +40,14 @@ def test_readme_client_classifies_every_photo_through_busy_answers(
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and server.poll() is None:
+        deadline, ready = time.time() + 90, False
+        while not ready and time.time() < deadline and server.poll() is None:
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
+                    ready = True
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.3)
+        assert ready, f"server not ready (exit code {server.poll()})"
         names = []
         for i, photo in enumerate(photos):  # as a user would: files in the working directory
             names.append(f"{photo.parent.name}-{i}.jpg")
