@@ -31,7 +31,8 @@ install-dev: $(VENV)/.dev
 
 # WORKERS uvicorn processes, one per core, each with its own GIL and 2 inference workers, so a
 # process that the kernel hands most connections can still use every core, and WORKERS host-wide
-# inference slots, so that no more batches than cores run at once (README, "Processes").
+# inference slots, so that no more batches than cores run at once, except that a request alone on
+# the host runs on every core (README, "Processes").
 # /metrics sums the processes through files in PROMETHEUS_MULTIPROC_DIR. No access log by default
 # (UVICORN_ACCESS_LOG=true turns it on): /metrics counts requests, and the log line costs CPU.
 serve: $(VENV)/.serve
@@ -39,6 +40,7 @@ serve: $(VENV)/.serve
 	MOBILEVIT_INFERENCE_WORKERS=$${MOBILEVIT_INFERENCE_WORKERS:-2} \
 	MOBILEVIT_DECODE_THREADS=$${MOBILEVIT_DECODE_THREADS:-1} \
 	MOBILEVIT_INFERENCE_SLOTS=$${MOBILEVIT_INFERENCE_SLOTS:-$(WORKERS)} \
+	MOBILEVIT_IDLE_INFERENCE_THREADS=$${MOBILEVIT_IDLE_INFERENCE_THREADS:-$(WORKERS)} \
 	UVICORN_ACCESS_LOG=$${UVICORN_ACCESS_LOG:-false} \
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 

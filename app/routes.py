@@ -197,20 +197,21 @@ async def predict(request: Request) -> Response:
     k = parse_top_k(request.query_params.get("top_k"), len(labels))
     assert service.decoder is not None and service.body_budget is not None
     started = time.perf_counter()
-    async with RequestDeadline(request, settings.request_timeout_s) as deadline:
-        with service.body_budget.reserve() as reservation:
-            uploads = await read_uploads(
-                request, settings.max_upload_bytes, settings.max_files, reservation
-            )
-            deadline.watch_client()
-            decode_started = time.perf_counter()
-            images = await service.decoder.decode(uploads)
-        # The encoded bytes are no longer needed: a request waiting in the queue holds only
-        # its decoded pixels, which the queue limit bounds.
-        filenames = [upload.filename for upload in uploads]
-        del uploads
-        infer_started = time.perf_counter()
-        rows = await classify(service, images)
+    with service.in_flight():  # from the body's first byte to the model's answer
+        async with RequestDeadline(request, settings.request_timeout_s) as deadline:
+            with service.body_budget.reserve() as reservation:
+                uploads = await read_uploads(
+                    request, settings.max_upload_bytes, settings.max_files, reservation
+                )
+                deadline.watch_client()
+                decode_started = time.perf_counter()
+                images = await service.decoder.decode(uploads)
+            # The encoded bytes are no longer needed: a request waiting in the queue holds only
+            # its decoded pixels, which the queue limit bounds.
+            filenames = [upload.filename for upload in uploads]
+            del uploads
+            infer_started = time.perf_counter()
+            rows = await classify(service, images)
     done = time.perf_counter()
     predictions = []
     for filename, row in zip(filenames, rows, strict=True):
@@ -366,6 +367,7 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
             "inference_workers": settings.inference_workers,
             "inference_threads": settings.inference_threads,
             "inference_slots": settings.inference_slots if service.slots else 0,
+            "idle_inference_threads": settings.idle_inference_threads if service.wide else 0,
             "decode_threads": settings.decode_threads,
         },
         "limits": {

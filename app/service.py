@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +18,9 @@ from app.backends import Backend, check_shapes, open_backend
 from app.batcher import Batcher
 from app.decoding import BodyBudget, Decoder
 from app.settings import Settings
-from app.slots import Predict, Slots, open_slots
+from app.slots import WIDE_MAX_BATCH, HostActivity, Predict, Slots, open_slots
+
+logger = logging.getLogger("app.service")
 
 
 @dataclass
@@ -33,6 +38,11 @@ class Service:
     replicas: list[Backend] = field(default_factory=list)
     #: Each inference worker's handles on the host-wide slots (INFERENCE_SLOTS); empty: no cap.
     slots: list[Slots] = field(default_factory=list)
+    #: With slots and IDLE_INFERENCE_THREADS: the many-thread interpreter a lone request runs
+    #: on (one for all workers: only one batch at a time can hold every slot), and the host-wide
+    #: count of requests in flight that tells a lone request.
+    wide: Backend | None = None
+    activity: HostActivity | None = None
     batcher: Batcher | None = None
     decoder: Decoder | None = None
     body_budget: BodyBudget | None = None
@@ -43,11 +53,25 @@ class Service:
         predicts = [replica.predict for replica in self.replicas]
         if not self.slots:
             return predicts
-        return [slots.wrap(p) for slots, p in zip(self.slots, predicts, strict=True)]
+        if self.wide is None or self.activity is None:
+            return [slots.wrap(p) for slots, p in zip(self.slots, predicts, strict=True)]
+        wide, alone = self.wide.predict, self.activity.alone
+        return [slots.wrap(p, wide, alone) for slots, p in zip(self.slots, predicts, strict=True)]
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Around a request's whole handling: counts it for IDLE_INFERENCE_THREADS."""
+        if self.activity is None:
+            yield
+            return
+        with self.activity.busy():
+            yield
 
     def close(self) -> None:
         for slots in self.slots:
             slots.close()
+        if self.activity is not None:
+            self.activity.close()
 
     @property
     def size(self) -> int:
@@ -116,6 +140,23 @@ def load_service(settings: Settings) -> Service:
         ]
     for replica in dict.fromkeys(replicas):  # each distinct backend once
         _warm_up(replica, card.input.height, len(card.labels), settings.max_batch_size, path)
+    slots = open_slots(settings.inference_slots_dir, settings.inference_slots, len(replicas))
+    wide = activity = None
+    if slots and settings.idle_inference_threads and settings.model_format == "tflite":
+        try:
+            activity = HostActivity(settings.inference_slots_dir / "busy.lock")
+        except OSError as exc:
+            logger.warning("a lone request stays on one core: %s", exc)
+    if activity is not None:
+        try:
+            wide = open_backend("tflite", path, settings.idle_inference_threads)
+            wide_batch = min(WIDE_MAX_BATCH, settings.max_batch_size)
+            _warm_up(wide, card.input.height, len(card.labels), wide_batch, path)
+        except Exception:
+            activity.close()
+            for handle in slots:
+                handle.close()
+            raise
     return Service(
         settings=settings,
         card=card,
@@ -124,7 +165,7 @@ def load_service(settings: Settings) -> Service:
         backend=backend,
         runtime=runtime_versions(settings.model_format),
         replicas=replicas,
-        slots=open_slots(
-            settings.inference_slots_dir, settings.inference_slots, workers=len(replicas)
-        ),
+        slots=slots,
+        wide=wide,
+        activity=activity,
     )

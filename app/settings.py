@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     workers each, set it to the number of cores: a process can then use every core when the
     others are idle, without more inference threads than cores when all are busy."""
 
+    idle_inference_threads: int = Field(default=0, ge=0, le=1024)
+    """With INFERENCE_SLOTS, TFLite only: a request alone on the host (no other request in
+    flight in any server process sharing the slots) runs on an interpreter with this many
+    threads, holding every slot, instead of on one thread. 0 (default): off. Set it to the
+    number of cores."""
+
     inference_slots_dir: Path = Path(tempfile.gettempdir()) / "mobilevit-inference-slots"
     """Directory of the slots' lock files; processes sharing it share the slots."""
 

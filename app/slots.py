@@ -11,6 +11,13 @@ at once on the host, from whichever processes have work.
 A batch takes any free slot, its worker's own first (worker i prefers slot i mod N); only when
 all are taken does it wait, on its own. Waiting on a fixed slot while another one was free left
 a core idle whenever the two processes' batches picked the same slot.
+
+A lone request may use every core (IDLE_INFERENCE_THREADS): when it arrived with no other
+request in flight on the host and none has come since (`HostActivity`), and every slot is free,
+its batch takes all the slots and runs on an interpreter with one thread per core. Under any
+load batches keep to one thread each, which gets the most images through. Free slots alone are
+not enough to go wide: with two clients, one client's wide batch made the other's wait, and
+2-client throughput fell by 30%.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +35,59 @@ import numpy as np
 logger = logging.getLogger("app.slots")
 
 Predict = Callable[[np.ndarray], np.ndarray]
+
+#: Largest batch that may run wide. A lone request is one or two images at most of the time, and
+#: every batch size needs an interpreter of its own, so the wide interpreters stay few.
+WIDE_MAX_BATCH = 2
+
+
+class HostActivity:
+    """Whether any other server process sharing `path` has requests in flight.
+
+    While this process has any, it holds a POSIX read lock on the file's first byte. POSIX
+    record locks belong to a process and only other processes' locks conflict with a query, so
+    one `F_GETLK` for a write lock tells whether another process is busy. Nobody ever takes the
+    write lock, so taking the read lock never waits. The kernel drops the locks of a process
+    that dies.
+    """
+
+    _QUERY = struct.Struct("hhqqi4x")  # struct flock (Linux): type, whence, start, len, pid
+
+    def __init__(self, path: Path):
+        # Read-only is enough to take a read lock and to query, as for the slots.
+        self._fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        self.in_flight = 0  # changed by the event loop only
+        # Whether the request in flight arrived with no other in flight anywhere. Free slots at
+        # batch time are not enough: two clients' requests alternate, each briefly alone.
+        self._arrived_alone = False
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count one request of this process in flight for the duration."""
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._arrived_alone = not self.others_busy()
+            fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, 0)
+        else:
+            self._arrived_alone = False
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+
+    def others_busy(self) -> bool:
+        query = self._QUERY.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        answer = fcntl.fcntl(self._fd, fcntl.F_GETLK, query)
+        return self._QUERY.unpack(answer)[0] != fcntl.F_UNLCK
+
+    def alone(self) -> bool:
+        """One request in flight on the whole host, which arrived when none was."""
+        return self.in_flight == 1 and self._arrived_alone and not self.others_busy()
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class Slots:
@@ -60,12 +122,40 @@ class Slots:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks without the GIL
         return fd
 
-    def wrap(self, predict: Predict) -> Predict:
+    def take_the_rest(self, held: int) -> list[int] | None:
+        """Lock every slot but `held` without waiting: all of them, or None with none kept."""
+        taken: list[int] = []
+        for fd in self._fds:
+            if fd == held:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                for other in taken:
+                    fcntl.flock(other, fcntl.LOCK_UN)
+                return None
+            taken.append(fd)
+        return taken
+
+    def wrap(
+        self,
+        predict: Predict,
+        wide: Predict | None = None,
+        alone: Callable[[], bool] = lambda: False,
+    ) -> Predict:
+        """`predict` run in a slot; a batch of at most WIDE_MAX_BATCH images for which `alone()`
+        holds and that gets every slot runs on `wide` instead."""
+
         def predict_in_slot(images: np.ndarray) -> np.ndarray:
             fd = self.acquire()
+            rest = None
+            if wide is not None and len(images) <= WIDE_MAX_BATCH and alone():
+                rest = self.take_the_rest(fd)
             try:
-                return predict(images)
+                return (predict if rest is None else wide)(images)
             finally:
+                for other in rest or ():
+                    fcntl.flock(other, fcntl.LOCK_UN)
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
         return predict_in_slot

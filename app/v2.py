@@ -238,16 +238,17 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
     _model(service, name, version)
     settings = service.settings
     assert service.decoder is not None and service.body_budget is not None
-    async with RequestDeadline(request, settings.request_timeout_s) as deadline:
-        with service.body_budget.reserve() as reservation:
-            body = await read_body(request, settings.max_upload_bytes, reservation)
-            deadline.watch_client()
-            # JSON parsing and tensor checks of a body of up to MAX_UPLOAD_BYTES run off the loop.
-            request_id, images = await service.decoder.run(
-                _parse_and_check, body, service.size, settings.max_files
-            )
-            del body
-        rows = await classify(service, images)
+    with service.in_flight():
+        async with RequestDeadline(request, settings.request_timeout_s) as deadline:
+            with service.body_budget.reserve() as reservation:
+                body = await read_body(request, settings.max_upload_bytes, reservation)
+                deadline.watch_client()
+                # JSON parsing and tensor checks of a body up to MAX_UPLOAD_BYTES run off the loop.
+                request_id, images = await service.decoder.run(
+                    _parse_and_check, body, service.size, settings.max_files
+                )
+                del body
+            rows = await classify(service, images)
     probabilities = np.stack(rows).astype(np.float32)  # N x [C] -> [N, C]
     answer: dict[str, Any] = {
         "model_name": service.card.name,

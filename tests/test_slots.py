@@ -14,8 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from app.slots import Slots, open_slots
-from tests.serving_helpers import image_bytes, make_settings, serve
+from app.backends import TFLiteBackend
+from app.slots import WIDE_MAX_BATCH, HostActivity, Slots, open_slots
+from tests.serving_helpers import REPO, image_bytes, make_settings, serve
 
 pytest_plugins = ["tests.serving_fixtures"]
 
@@ -28,8 +29,30 @@ sys.stdin.read()  # until the test closes stdin, or kills us
 """
 
 
+BUSY_ELSEWHERE = """
+import sys
+from pathlib import Path
+from app.slots import HostActivity
+with HostActivity(Path(sys.argv[1])).busy():
+    print("busy", flush=True)
+    sys.stdin.read()
+"""
+
+
 def echo(images: np.ndarray) -> np.ndarray:
     return images
+
+
+def locked_by_someone(path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def test_two_holders_of_one_slot_take_turns(tmp_path):
@@ -179,3 +202,97 @@ async def test_the_service_runs_every_batch_in_a_slot(tiny_model_dir, tmp_path):
         response = await asyncio.wait_for(request, 10)
         assert response.status_code == 200
         assert response.json()["predictions"][0]["label"] == "green"
+
+
+def test_host_activity_tells_a_request_alone_on_the_host(tmp_path):
+    path = tmp_path / "busy.lock"
+    here = HostActivity(path)
+    assert not here.others_busy() and not here.alone()  # nothing in flight
+    with here.busy():
+        assert here.alone()
+        with here.busy():  # a second request of this process
+            assert not here.alone()
+        assert not here.alone()  # the one left did not arrive alone
+    with here.busy():
+        assert here.alone()  # arrived with nothing else in flight
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    other = subprocess.Popen([sys.executable, "-c", BUSY_ELSEWHERE, str(path)], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "busy"
+        assert here.others_busy()
+        with here.busy():
+            assert not here.alone()  # another process has a request in flight
+        other.kill()  # the kernel drops a dead process's lock
+        other.wait(5)
+        assert not here.others_busy()
+    finally:
+        other.kill()
+        other.wait(5)
+        here.close()
+
+
+def test_a_lone_small_batch_takes_every_slot_and_runs_wide(tmp_path):
+    paths = [tmp_path / "slot-0.lock", tmp_path / "slot-1.lock"]
+    worker = Slots(paths)
+    ran: list[tuple[str, list[bool]]] = []
+    lone = [True]
+
+    def runner(name):
+        def predict(images):
+            ran.append((name, [locked_by_someone(p) for p in paths]))
+            return images
+
+        return predict
+
+    run = worker.wrap(runner("narrow"), runner("wide"), alone=lambda: lone[0])
+    run(np.zeros(WIDE_MAX_BATCH))
+    run(np.zeros(WIDE_MAX_BATCH + 1))  # too big a batch for the wide interpreters
+    lone[0] = False
+    run(np.zeros(1))
+    assert ran == [("wide", [True, True]), ("narrow", [True, False]), ("narrow", [True, False])]
+    lone[0] = True
+    command = [sys.executable, "-c", HOLD_SLOT, str(paths[1])]
+    other = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        ran.clear()
+        run(np.zeros(1))  # alone, but a slot is taken: one thread, in the free slot
+        assert ran == [("narrow", [True, True])]
+    finally:
+        other.kill()
+        other.wait(5)
+    assert not any(locked_by_someone(p) for p in paths)  # every slot given back
+    worker.close()
+
+
+@pytest.mark.anyio
+async def test_the_service_runs_a_lone_request_on_every_core(tiny_model_dir, tmp_path, monkeypatch):
+    calls: list[tuple[int | None, int]] = []  # (interpreter threads, batch size)
+    predict = TFLiteBackend.predict
+
+    def spy(self, images):
+        calls.append((self.num_threads, len(images)))
+        return predict(self, images)
+
+    monkeypatch.setattr(TFLiteBackend, "predict", spy)
+    settings = make_settings(tiny_model_dir, inference_workers=2, inference_slots=2,
+                             idle_inference_threads=2, inference_slots_dir=tmp_path)  # fmt: skip
+    async with serve(settings) as served:
+        info = (await served.client.get("/model-info")).json()
+        assert info["batching"]["idle_inference_threads"] == 2
+        photo, headers = image_bytes("green"), {"Content-Type": "image/jpeg"}
+        calls.clear()  # the warm-up's
+        lone = await served.client.post("/predict", content=photo, headers=headers)
+        assert calls == [(2, 1)]
+        calls.clear()
+        burst = await asyncio.gather(
+            *(served.client.post("/predict", content=photo, headers=headers) for _ in range(6))
+        )
+        assert calls and all(threads == 1 for threads, _ in calls)  # never alone
+    wide_scores = lone.json()["predictions"][0]["top_k"]
+    for response in burst:
+        narrow_scores = response.json()["predictions"][0]["top_k"]
+        assert [s["label"] for s in narrow_scores] == [s["label"] for s in wide_scores]
+        assert np.allclose([s["score"] for s in narrow_scores],
+                           [s["score"] for s in wide_scores], atol=1e-5)  # fmt: skip
