@@ -22,12 +22,12 @@ not enough to go wide: with two clients, one client's wide batch made the other'
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +61,24 @@ class HostActivity:
         # batch time are not enough: two clients' requests alternate, each briefly alone.
         self._arrived_alone = False
 
-    @contextmanager
+    @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Count one request of this process in flight for the duration."""
         self.in_flight += 1
-        if self.in_flight == 1:
-            self._arrived_alone = not self.others_busy()
-            fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, 0)
-        else:
-            self._arrived_alone = False
+        self._arrived_alone = False
         try:
+            if self.in_flight == 1:
+                try:
+                    self._arrived_alone = not self.others_busy()
+                    fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, 0)
+                except OSError:  # a lock the file system refuses: the request stays on one core
+                    self._arrived_alone = False
             yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
 
     def others_busy(self) -> bool:
         query = self._QUERY.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
