@@ -6,7 +6,6 @@ import contextlib
 import logging
 import platform
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -58,14 +57,9 @@ class Service:
         wide, alone = self.wide.predict, self.activity.alone
         return [slots.wrap(p, wide, alone) for slots, p in zip(self.slots, predicts, strict=True)]
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
+    def in_flight(self) -> contextlib.AbstractContextManager[None]:
         """Around a request's whole handling: counts it for IDLE_INFERENCE_THREADS."""
-        if self.activity is None:
-            yield
-            return
-        with self.activity.busy():
-            yield
+        return self.activity.busy() if self.activity is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         for slots in self.slots:

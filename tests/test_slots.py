@@ -119,16 +119,8 @@ def test_a_batch_takes_any_free_slot_and_waits_only_when_all_are_taken(tmp_path)
         seen: list[str] = []
 
         def which_slot(images):
-            for path in paths:  # the one this call holds is the one nobody else can lock now
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    if path != paths[0]:
-                        seen.append(path.name)
-                finally:
-                    os.close(fd)
+            # The one this call holds is one nobody else can lock now (slot 0 is held elsewhere).
+            seen.extend(path.name for path in paths[1:] if locked_by_someone(path))
             return images
 
         first = threading.Thread(target=worker.wrap(which_slot), args=(np.zeros(1),))
