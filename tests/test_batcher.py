@@ -152,6 +152,75 @@ async def test_a_failing_batch_fails_only_its_own_callers():
     assert batcher.stats.failed_batches == 1
 
 
+class Undecodable(ValueError):
+    pass
+
+
+def made(value: int, threads: list[str] | None = None):
+    """An image that comes as a function, as an upload decoded by the worker does."""
+
+    def prepare() -> np.ndarray:
+        if threads is not None:
+            threads.append(threading.current_thread().name)
+        if value == POISON:
+            raise Undecodable(f"image {value} is broken")
+        return image(value)
+
+    return prepare
+
+
+async def test_images_made_in_the_worker_thread_and_their_failures_stay_their_own():
+    backend = FakeBackend()
+    threads: list[str] = []
+    batcher = await started(backend, max_batch_size=4, max_wait_s=0.05)
+    try:
+        inputs = [made(1, threads), made(POISON, threads), image(2), made(3, threads)]
+        futures = batcher.submit_many(inputs)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert backend.calls == [[1, 2, 3]]  # the broken one never reaches the backend
+    assert [int(results[i][0]) for i in (0, 2, 3)] == [1, 2, 3]
+    assert isinstance(results[1], Undecodable)  # its own error, not InferenceFailed
+    assert len(threads) == 3 and all(name.startswith("inference") for name in threads)
+    assert batcher.stats.images == 3 and batcher.stats.failed_batches == 0
+
+
+async def test_a_batch_of_only_broken_images_never_calls_the_backend():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=2, max_wait_s=0.05)
+    try:
+        futures = batcher.submit_many([made(POISON), made(POISON)])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        after = await batcher.submit(made(5))
+    finally:
+        await batcher.close()
+    assert all(isinstance(r, Undecodable) for r in results)
+    assert backend.calls == [[5]] and int(after[0]) == 5
+    assert batcher.stats.batches == 1
+
+
+async def test_predict_many_raises_the_first_failing_item_in_order_after_all_are_done():
+    backend = FakeBackend()
+    batcher = await started(backend, max_batch_size=1, max_wait_s=0.0)
+
+    def broken(name: str):
+        def prepare() -> np.ndarray:
+            raise Undecodable(name)
+
+        return prepare
+
+    try:
+        with pytest.raises(Undecodable, match="second"):
+            await batcher.predict_many([made(1), broken("second"), broken("third"), made(4)])
+        assert batcher.depth == 0
+        rows = await batcher.predict_many([made(6)])
+    finally:
+        await batcher.close()
+    assert [int(r[0]) for r in rows] == [6]
+    assert sorted(v for call in backend.calls for v in call) == [1, 4, 6]
+
+
 async def test_wrong_output_shape_fails_the_batch():
     batcher = Batcher(lambda images: np.zeros((1, 3), np.float32), max_wait_s=0.01)
     batcher.start()
