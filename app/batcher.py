@@ -1,17 +1,12 @@
 """Dynamic batching: many concurrent requests, one backend call per batch.
 
-Callers `submit` one image at a time and await a future. An image may also come as a function
-that makes it (`Prepare`, e.g. decoding an upload): the inference worker calls it just before
-the batch runs, in its own thread. That spares the request a round trip through a decode pool:
-one hand-off between threads and one wake-up of the event loop fewer (bench/serve.py).
-
-A dispatcher task takes the first waiting image, waits at most `max_wait_s` from that image's
-arrival for the batch to fill up to `max_batch_size`, and hands the batch to an idle replica
-(one `predict` callable per inference worker, each in its own thread, off the event loop),
-which stacks it ([N, H, W, 3]) and runs it. With one replica a batch forms only while the
-previous one runs, so batches grow with the load. Every future of the batch gets its own row,
-or its own `Prepare` error, or, when `predict` raises, the same `InferenceFailed`; the
-dispatcher then goes on with the next batch.
+Callers `submit` one image at a time and await a future. A dispatcher task takes the first
+waiting image, waits at most `max_wait_s` from that image's arrival for the batch to fill up to
+`max_batch_size`, stacks the batch ([N, H, W, 3]) and runs it on an idle replica (one
+`predict` callable per inference worker, each in its own thread, off the event loop). With one
+replica a batch forms only while the previous one runs, so batches grow with the load. Every
+future of the batch gets its own row, or, when `predict` raises, the same `InferenceFailed`;
+the dispatcher then goes on with the next batch.
 
 Several replicas (INFERENCE_WORKERS) run batches concurrently: on a small CPU two single-thread
 interpreters keep both cores busy even while decoding takes a slice of one of them, whereas one
@@ -42,9 +37,6 @@ import numpy as np
 logger = logging.getLogger("app.batcher")
 
 Predict = Callable[[np.ndarray], np.ndarray]
-#: Makes one image in the inference worker's thread; what it raises fails its own item only.
-Prepare = Callable[[], np.ndarray]
-Input = np.ndarray | Prepare
 #: Called after every backend call: (batch size, seconds in predict, whether it failed).
 BatchHook = Callable[[int, float, bool], None]
 
@@ -59,7 +51,7 @@ class InferenceFailed(RuntimeError):
 
 @dataclass
 class _Item:
-    image: Input
+    image: np.ndarray
     future: asyncio.Future
     enqueued: float
 
@@ -167,10 +159,10 @@ class Batcher:
 
     # ---- callers ---------------------------------------------------------------------------
 
-    def submit(self, image: Input) -> asyncio.Future:
+    def submit(self, image: np.ndarray) -> asyncio.Future:
         return self.submit_many([image])[0]
 
-    def submit_many(self, images: Sequence[Input]) -> list[asyncio.Future]:
+    def submit_many(self, images: Sequence[np.ndarray]) -> list[asyncio.Future]:
         """Queue all images or none: raises `Overloaded` if they do not all fit."""
         if not self._accepting:
             self.stats.rejected += len(images)
@@ -190,23 +182,16 @@ class Batcher:
         self._wakeup.set()
         return futures
 
-    async def predict_many(self, images: Sequence[Input]) -> list[np.ndarray]:
-        """Submit, wait for every row; cancelling the caller cancels its queued items. If any
-        item fails, the first failing one in order raises, once all are done."""
+    async def predict_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Submit, wait for every row; cancelling the caller cancels its queued items."""
         futures = self.submit_many(images)
         try:
-            if len(futures) == 1:  # the common case, without gather's wrapper future
-                return [await futures[0]]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            return list(await asyncio.gather(*futures))
         except BaseException:
             for future in futures:
                 future.cancel()
             self._drop_cancelled()
             raise
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)
 
     def _drop_cancelled(self) -> None:
         """Free the queue places of callers that gave up now, not when a batch would form."""
@@ -275,31 +260,29 @@ class Batcher:
     async def _run_batch(self, batch: list[_Item], predict: Predict) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        inputs = [item.image for item in batch]
         try:
-            ran = await loop.run_in_executor(self._executor, _prepare_and_predict, predict, inputs)
+            images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
+            outputs = await loop.run_in_executor(self._executor, predict, images)
+            outputs = np.asarray(outputs)
+            if outputs.ndim != 2 or outputs.shape[0] != len(batch):
+                raise ValueError(f"backend returned shape {outputs.shape} for {len(batch)} images")
         except asyncio.CancelledError:  # forced stop: nobody may wait on these forever
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(Overloaded("service is shutting down"))
             raise
-        for item, error in zip(batch, ran.errors, strict=True):
-            if error is not None and not item.future.done():
-                item.future.set_exception(error)
-        ready = [item for item, error in zip(batch, ran.errors, strict=True) if error is None]
-        if not ready:
-            return
-        if ran.failure is not None:  # whatever the backend raises fails this batch, and only it
+        except Exception as exc:  # whatever the backend raises fails this batch, and only it
             seconds = time.perf_counter() - started
-            logger.error("inference failed for a batch of %d", len(ready), exc_info=ran.failure)
-            self._record(len(ready), seconds, failed=True)
-            error = InferenceFailed(f"inference failed: {type(ran.failure).__name__}")
-            for item in ready:
+            logger.error("inference failed for a batch of %d", len(batch), exc_info=exc)
+            self._record(len(batch), seconds, failed=True)
+            error = InferenceFailed(f"inference failed: {type(exc).__name__}")
+            for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        self._record(len(ready), ran.seconds, failed=False)
-        for item, row in zip(ready, ran.rows, strict=True):
+        seconds = time.perf_counter() - started
+        self._record(len(batch), seconds, failed=False)
+        for item, row in zip(batch, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
 
@@ -315,41 +298,3 @@ class Batcher:
                 self._on_batch(size, seconds, failed)
             except Exception:  # metrics must never break inference
                 logger.exception("batch hook failed")
-
-
-@dataclass
-class _Ran:
-    """What one batch's trip to an inference worker gave."""
-
-    errors: list[BaseException | None]  # per input: what its `Prepare` raised
-    rows: np.ndarray | None = None  # for the inputs without an error, in order
-    failure: Exception | None = None  # what the backend (or a bad answer) raised
-    seconds: float = 0.0  # in `predict`
-
-
-def _prepare_and_predict(predict: Predict, inputs: list[Input]) -> _Ran:
-    """In the worker thread: make the images that come as functions, then run the batch."""
-    images, errors = [], []
-    for value in inputs:
-        error = None
-        if callable(value):
-            try:
-                value = value()
-            except Exception as exc:  # this item's own failure (an undecodable upload)
-                error = exc
-        if error is None:
-            images.append(value)
-        errors.append(error)
-    ran = _Ran(errors)
-    if not images:
-        return ran
-    started = time.perf_counter()
-    try:
-        rows = np.asarray(predict(np.stack(images)))  # N x [H, W, 3] -> [N, H, W, 3]
-        if rows.ndim != 2 or rows.shape[0] != len(images):
-            raise ValueError(f"backend returned shape {rows.shape} for {len(images)} images")
-        ran.rows = rows
-    except Exception as exc:
-        ran.failure = exc
-    ran.seconds = time.perf_counter() - started
-    return ran

@@ -4,15 +4,13 @@ Order of checks, cheapest first: content type (415), declared `Content-Length` (
 byte is read; 503 if the process's `BodyBudget` cannot hold it), the body counted while it
 streams in (413 at the limit, 503 past the budget), then multipart parsing
 of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
-`file` part), then decoding with the pixel limit checked from the image header (413) via
-`app.imaging.preprocess_bytes`: in the inference worker that runs the image's batch, or first
-in `DECODE_THREADS` threads for an upload over `BATCH_DECODE_MAX_BYTES`.
+`file` part), then decoding with the pixel limit checked from the image header (413) in
+`DECODE_THREADS` threads via `app.imaging.preprocess_bytes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +21,10 @@ from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.batcher import Input
 from app.errors import ApiError
 from app.imaging import DecodeLimits, ImageError, preprocess_bytes
 
 FILE_FIELD = "file"
-#: Uploads up to this size are decoded by the inference worker as their batch starts (one
-#: hand-off between threads fewer); larger ones first in the decode pool, so that a slow decode
-#: never holds up the other images of a batch. The photos this model is for are 10-100 KB.
-BATCH_DECODE_MAX_BYTES = 256 * 1024
 MAX_FILENAME_CHARS = 128
 #: Non-file form fields tolerated next to the files (they are ignored).
 MAX_EXTRA_PARTS = 8
@@ -254,31 +247,8 @@ def parse_multipart(body: bytes, boundary: bytes, max_files: int) -> list[Upload
     return collector.files
 
 
-def upload_error(upload: Upload, error: ImageError) -> ApiError:
-    where = f"{upload.filename}: " if upload.filename else ""
-    return ApiError(error.status, f"{where}{error}")
-
-
-class DecodeJob:
-    """One upload, decoded where it is called (an inference worker), and how long that took."""
-
-    def __init__(self, decoder: Decoder, upload: Upload):
-        self.decoder = decoder
-        self.upload = upload
-        self.seconds = 0.0
-
-    def __call__(self) -> np.ndarray:
-        started = time.perf_counter()
-        try:
-            return self.decoder.decode_one(self.upload.data)
-        except ImageError as exc:
-            raise upload_error(self.upload, exc) from None
-        finally:
-            self.seconds = time.perf_counter() - started
-
-
 class Decoder:
-    """Decode + resize, in a thread pool sized by DECODE_THREADS or as `DecodeJob`s."""
+    """Decode + resize in a thread pool sized by DECODE_THREADS."""
 
     def __init__(self, size: int, limits: DecodeLimits, threads: int):
         self.size = size
@@ -288,16 +258,6 @@ class Decoder:
     def decode_one(self, data: bytes) -> np.ndarray:
         return preprocess_bytes(data, self.size, self.limits)
 
-    async def prepare(self, uploads: Sequence[Upload]) -> list[Input]:
-        """What the batcher takes for each upload, in order: a `DecodeJob` for a small upload,
-        the decoded pixels of a large one (decoded now, in the pool)."""
-        large = [upload for upload in uploads if len(upload.data) > BATCH_DECODE_MAX_BYTES]
-        decoded = iter(await self.decode(large) if large else ())
-        return [
-            next(decoded) if len(upload.data) > BATCH_DECODE_MAX_BYTES else DecodeJob(self, upload)
-            for upload in uploads
-        ]
-
     async def decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
         """uint8 [size, size, 3] per upload, in order; the first failing upload sets the error."""
         loop = asyncio.get_running_loop()
@@ -305,7 +265,8 @@ class Decoder:
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for upload, result in zip(uploads, results, strict=True):
             if isinstance(result, ImageError):
-                raise upload_error(upload, result)
+                where = f"{upload.filename}: " if upload.filename else ""
+                raise ApiError(result.status, f"{where}{result}")
             if isinstance(result, BaseException):
                 raise result
         return list(results)  # type: ignore[arg-type]

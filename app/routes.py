@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -15,8 +14,8 @@ from pydantic import BaseModel
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
-from app.batcher import InferenceFailed, Input, Overloaded
-from app.decoding import FILE_FIELD, DecodeJob, read_uploads
+from app.batcher import InferenceFailed, Overloaded
+from app.decoding import FILE_FIELD, read_uploads
 from app.errors import CODES, ApiError, ErrorBody, error_responses
 from app.service import Service
 
@@ -57,7 +56,7 @@ async def require_api_key(request: Request) -> None:
 ReadyService = Annotated[Service, Depends(ready_service)]
 
 
-async def classify(service: Service, images: Sequence[Input]) -> list[np.ndarray]:
+async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarray]:
     """Rows of probabilities through the shared batcher; queue full → 503, backend error → 500."""
     assert service.batcher is not None
     try:
@@ -200,20 +199,20 @@ async def predict(request: Request) -> Response:
     started = time.perf_counter()
     with service.in_flight():  # from the body's first byte to the model's answer
         async with RequestDeadline(request, settings.request_timeout_s) as deadline:
-            # Small uploads are decoded by the inference worker, so the body keeps its share
-            # of the budget until the answer.
             with service.body_budget.reserve() as reservation:
                 uploads = await read_uploads(
                     request, settings.max_upload_bytes, settings.max_files, reservation
                 )
                 deadline.watch_client()
                 decode_started = time.perf_counter()
-                images = await service.decoder.prepare(uploads)
-                pooled = time.perf_counter() - decode_started
-                rows = await classify(service, images)
+                images = await service.decoder.decode(uploads)
+            # The encoded bytes are no longer needed: a request waiting in the queue holds only
+            # its decoded pixels, which the queue limit bounds.
+            filenames = [upload.filename for upload in uploads]
+            del uploads
+            infer_started = time.perf_counter()
+            rows = await classify(service, images)
     done = time.perf_counter()
-    decoding = pooled + sum(job.seconds for job in images if isinstance(job, DecodeJob))
-    filenames = [upload.filename for upload in uploads]
     predictions = []
     for filename, row in zip(filenames, rows, strict=True):
         top = top_predictions(labels, row, k)
@@ -223,8 +222,8 @@ async def predict(request: Request) -> Response:
             "model": service.model_ref(),
             "predictions": predictions,
             "timings_ms": {
-                "decode": round(decoding * 1000, 3),
-                "queue_and_inference": round((done - decode_started - decoding) * 1000, 3),
+                "decode": round((infer_started - decode_started) * 1000, 3),
+                "queue_and_inference": round((done - infer_started) * 1000, 3),
                 "total": round((done - started) * 1000, 3),
             },
         }

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 
-from app import decoding
 from app.artifacts import ArtifactError
 from app.imaging import preprocess_file
 from app.main import create_app
@@ -280,42 +278,6 @@ async def test_400_undecodable_and_415_foreign(served):
     assert_error(text, 415)
 
 
-async def test_small_uploads_decode_in_the_inference_worker_large_ones_in_the_pool(
-    served, monkeypatch
-):
-    small, large = image_bytes("red"), image_bytes("blue", size=(400, 300))
-    assert len(small) < len(large)
-    monkeypatch.setattr(decoding, "BATCH_DECODE_MAX_BYTES", len(small))
-    decoder = served.app.state.service.decoder
-    threads: dict[int, str] = {}
-    real_decode = decoder.decode_one
-
-    def decode_one(data: bytes) -> np.ndarray:
-        threads[len(data)] = threading.current_thread().name
-        return real_decode(data)
-
-    monkeypatch.setattr(decoder, "decode_one", decode_one)
-    response = await predict_files(
-        served, ("file", ("s.jpg", small, "image/jpeg")), ("file", ("l.jpg", large, "image/jpeg"))
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert [p["label"] for p in body["predictions"]] == ["red", "blue"]
-    assert threads[len(small)].startswith("inference") and threads[len(large)].startswith("decode")
-    timings = body["timings_ms"]
-    assert timings["decode"] > 0 and timings["queue_and_inference"] > 0
-    assert timings["decode"] + timings["queue_and_inference"] <= timings["total"] + 0.01
-
-    # On both paths, the first broken upload in order names itself in the 400.
-    good, broken = jpeg_part("red", "good.jpg"), ("file", ("bad.jpg", b"x" * 3000, "image/jpeg"))
-    for threshold in (0, 10**6):  # everything in the pool; everything in the worker
-        monkeypatch.setattr(decoding, "BATCH_DECODE_MAX_BYTES", threshold)
-        later = ("file", ("worse.jpg", b"y" * 3000, "image/jpeg"))
-        body = assert_error(await predict_files(served, good, broken, later), 400, "bad_request")
-        assert body["error"].startswith("bad.jpg:"), body
-    assert (await predict_files(served, good)).status_code == 200  # nothing got stuck
-
-
 async def test_413_body_over_the_limit(served):
     limit = served.settings.max_upload_bytes
     response = await served.client.post(
@@ -384,8 +346,7 @@ async def test_unexpected_errors_are_json_500(tiny_model_dir):
         def explode(*args, **kwargs):
             raise KeyError("boom")
 
-        # Not an ApiError, and raised in the inference worker that decodes the upload.
-        served.app.state.service.decoder.decode_one = explode
+        served.app.state.service.decoder.decode = explode  # not an ApiError: the catch-all
         response = await predict_files(served, jpeg_part("red"))
         assert_error(response, 500, "internal_error")
         assert "boom" not in response.text and "Traceback" not in response.text
