@@ -75,6 +75,7 @@ evaluate: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-1w,1proc,off
+	$(PY) -m bench.http_floor
 	$(PY) -m bench.p99_ab --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.upload_burst --model $(MODEL)

@@ -90,13 +90,13 @@ def port_in_use(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_server(port: int, env: dict) -> subprocess.Popen:
+def start_server(port: int, env: dict, app: str = "app.main:app") -> subprocess.Popen:
     """`uvicorn app.main:app` as `make serve` and the image run it (no access log unless `env`
-    asks for one), ready to answer."""
+    asks for one), ready to answer; `app` serves another ASGI app the same way."""
     # Another server on the port would answer our health checks and take our load.
     if port_in_use(port):
         raise SystemExit(f"port {port} is already in use (another benchmark running?)")
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
            "--port", str(port)]  # fmt: skip
     env = {"UVICORN_ACCESS_LOG": "false", **env}
     # Its log goes to a file, as a container's goes to its log driver; shown if it fails to start.
