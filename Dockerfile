@@ -4,8 +4,7 @@
 # Serves with WEB_CONCURRENCY=2 uvicorn processes (one per core of a 2-core host; raise it and
 # INFERENCE_SLOTS with the cores), each with 2 inference workers, so that one process can use
 # every core when the kernel hands it most of the connections, and 2 host-wide inference slots,
-# so that no more batches than cores run at once (a request alone on the host gets both cores:
-# IDLE_INFERENCE_THREADS); /metrics sums the processes through
+# so that no more batches than cores run at once; /metrics sums the processes through
 # PROMETHEUS_MULTIPROC_DIR. No access log line per request (UVICORN_ACCESS_LOG=false), as in TF
 # Serving and Triton; /metrics counts requests. Set it to true to log each request.
 
@@ -31,7 +30,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     WEB_CONCURRENCY=2 \
     MOBILEVIT_INFERENCE_WORKERS=2 \
     MOBILEVIT_INFERENCE_SLOTS=2 \
-    MOBILEVIT_IDLE_INFERENCE_THREADS=2 \
     MOBILEVIT_DECODE_THREADS=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/mobilevit-metrics \
     UVICORN_ACCESS_LOG=false

@@ -31,8 +31,7 @@ install-dev: $(VENV)/.dev
 
 # WORKERS uvicorn processes, one per core, each with its own GIL and 2 inference workers, so a
 # process that the kernel hands most connections can still use every core, and WORKERS host-wide
-# inference slots, so that no more batches than cores run at once, except that a request alone on
-# the host runs on every core (README, "Processes").
+# inference slots, so that no more batches than cores run at once (README, "Processes").
 # /metrics sums the processes through files in PROMETHEUS_MULTIPROC_DIR. No access log by default
 # (UVICORN_ACCESS_LOG=true turns it on): /metrics counts requests, and the log line costs CPU.
 serve: $(VENV)/.serve
@@ -40,7 +39,6 @@ serve: $(VENV)/.serve
 	MOBILEVIT_INFERENCE_WORKERS=$${MOBILEVIT_INFERENCE_WORKERS:-2} \
 	MOBILEVIT_DECODE_THREADS=$${MOBILEVIT_DECODE_THREADS:-1} \
 	MOBILEVIT_INFERENCE_SLOTS=$${MOBILEVIT_INFERENCE_SLOTS:-$(WORKERS)} \
-	MOBILEVIT_IDLE_INFERENCE_THREADS=$${MOBILEVIT_IDLE_INFERENCE_THREADS:-$(WORKERS)} \
 	UVICORN_ACCESS_LOG=$${UVICORN_ACCESS_LOG:-false} \
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
@@ -74,9 +72,10 @@ evaluate: $(VENV)/.dev
 # Needs wrk (apt-get install wrk) for the HTTP runs; prints the tables quoted in README.
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
-	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-1w,1proc,off
+	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-wide,2proc-1w,1proc,off
 	$(PY) -m bench.http_floor
 	$(PY) -m bench.p99_ab --model $(MODEL)
+	$(PY) -m bench.lone_request --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.upload_burst --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4

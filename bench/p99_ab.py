@@ -18,6 +18,7 @@ no difference was found at this number of requests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import random
@@ -25,6 +26,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +57,35 @@ def bootstrap_diff(on: np.ndarray, off: np.ndarray, q: float, rounds: int, seed:
     return np.percentile(on, q) - np.percentile(off, q), low, high
 
 
-def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Latencies (ms) of `args.requests` pairs against `mode` with batching on and off."""
+@contextlib.contextmanager
+def servers_side_by_side(model: Path, port: int, envs: list[dict]) -> Iterator[list[int]]:
+    """One server per environment, on `port`, `port` + 1, ...; yields their ports."""
     servers, temp_dirs = [], []
     try:
-        for offset, extra in enumerate(({}, {"MOBILEVIT_MAX_BATCH_SIZE": "1"})):
+        for offset, extra in enumerate(envs):
             # Each server its own slot files and metrics directory: they must not share slots.
-            temp = tempfile.mkdtemp(prefix="bench-p99-")
+            temp = tempfile.mkdtemp(prefix="bench-side-")
             temp_dirs.append(temp)
-            env = {**MODES[mode], **extra, "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
+            env = {**extra, "MOBILEVIT_MODEL_DIR": str(model.resolve()),
                    "MOBILEVIT_INFERENCE_SLOTS_DIR": os.path.join(temp, "slots")}  # fmt: skip
             if "WEB_CONCURRENCY" in env:
                 env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(temp, "metrics")
                 os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"])
-            servers.append(start_server(args.port + offset, env))
-        conns = [http.client.HTTPConnection("127.0.0.1", args.port + k, timeout=10) for k in (0, 1)]
+            servers.append(start_server(port + offset, env))
+        yield [port + offset for offset in range(len(envs))]
+    finally:
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+        for temp in temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Latencies (ms) of `args.requests` pairs against `mode` with batching on and off."""
+    envs = [MODES[mode], {**MODES[mode], "MOBILEVIT_MAX_BATCH_SIZE": "1"}]
+    with servers_side_by_side(args.model, args.port, envs) as ports:
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for port in ports]
         for k in range(args.warmup):  # connections open, caches warm, on both sides
             for conn in conns:
                 post(conn, blobs[k % len(blobs)])
@@ -83,13 +99,7 @@ def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarra
                 latencies[i, side] = post(conns[side], body) * 1000
         for conn in conns:
             conn.close()
-        return latencies[:, 0], latencies[:, 1]
-    finally:
-        for server in servers:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
-        for temp in temp_dirs:
-            shutil.rmtree(temp, ignore_errors=True)
+    return latencies[:, 0], latencies[:, 1]
 
 
 def main(argv: list[str] | None = None) -> int:

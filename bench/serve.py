@@ -3,11 +3,11 @@
     python -m bench.serve --model models/flowers-mobilevit-xxs
 
 Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve` and the Docker
-image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, a lone
-request on both cores, batching on); "1proc", uvicorn's and the app's defaults (1 process with 2
-inference workers x 1 thread); "off", 1proc with batching off (MAX_BATCH_SIZE=1); only with
-`--modes`: "2proc-1w", 2 processes of 1 inference worker each, "2proc-narrow", 2proc with a lone
-request on one core, "2proc-log", 2proc with uvicorn's access log on, "3proc", 2proc with a
+image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, batching
+on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference workers x 1 thread);
+"off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2
+processes of 1 inference worker each, "2proc-wide", 2proc with a lone request on both cores
+(IDLE_INFERENCE_THREADS=2), "2proc-log", 2proc with uvicorn's access log on, "3proc", 2proc with a
 third process, and "1x2", one process with one 2-thread worker. Drives each with wrk
 (one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients,
 and prints throughput, p50/p99 latency and errors next to the ceiling: decode + resize +
@@ -237,7 +237,6 @@ MODES = {
         "MOBILEVIT_INFERENCE_WORKERS": "2",
         "MOBILEVIT_DECODE_THREADS": "1",
         "MOBILEVIT_INFERENCE_SLOTS": "2",
-        "MOBILEVIT_IDLE_INFERENCE_THREADS": "2",
     },
     # One inference worker per process, no slots (the deployment before 2026-11-29).
     "2proc-1w": {
@@ -251,9 +250,9 @@ MODES = {
 }
 # 2proc with uvicorn's access log on (a line per request; off in `make serve` and the image).
 MODES["2proc-log"] = {**MODES["2proc"], "UVICORN_ACCESS_LOG": "true"}
-# 2proc where a request alone on the host runs on one core, like every other (the deployment
-# until 2026-11-29).
-MODES["2proc-narrow"] = {**MODES["2proc"], "MOBILEVIT_IDLE_INFERENCE_THREADS": "0"}
+# 2proc where a request alone on the host runs on both cores (shipped on 2026-11-29 for a few
+# hours; bench/lone_request.py shows why it is off).
+MODES["2proc-wide"] = {**MODES["2proc"], "MOBILEVIT_IDLE_INFERENCE_THREADS": "2"}
 # 2proc with a third process on the same two slots.
 MODES["3proc"] = {**MODES["2proc"], "WEB_CONCURRENCY": "3"}
 
