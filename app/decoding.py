@@ -11,12 +11,16 @@ of the buffered body (400 broken, 413 too many files, 415 a part that is not an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import threading
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -247,13 +251,49 @@ def parse_multipart(body: bytes, boundary: bytes, max_files: int) -> list[Upload
     return collector.files
 
 
+#: Formats decoded once at startup (those this Pillow build can write).
+WARM_UP_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def _warm_up_samples() -> list[bytes]:
+    samples = []
+    for fmt in WARM_UP_FORMATS:
+        buffer = io.BytesIO()
+        try:
+            Image.new("RGB", (64, 48), (120, 160, 80)).save(buffer, format=fmt)
+        except (KeyError, OSError):  # a format this Pillow build lacks
+            continue
+        samples.append(buffer.getvalue())
+    return samples
+
+
 class Decoder:
     """Decode + resize in a thread pool sized by DECODE_THREADS."""
 
     def __init__(self, size: int, limits: DecodeLimits, threads: int):
         self.size = size
         self.limits = limits
+        self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def warm_up(self) -> int:
+        """Decode a small image of each common format in every pool thread, so that the first
+        request does not pay for Pillow loading its format plugins and the threads starting
+        (15 ms for the first JPEG in a process, against under 1 ms after). Images decoded."""
+        samples = _warm_up_samples()
+        # Each job holds its thread until all have decoded, so every job gets a thread of its own.
+        everyone = threading.Barrier(self.threads)
+
+        def decode_all() -> int:
+            for data in samples:
+                self.decode_one(data)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                everyone.wait(timeout=10)
+            return len(samples)
+
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self._pool, decode_all) for _ in range(self.threads)]
+        return sum(await asyncio.gather(*jobs))
 
     def decode_one(self, data: bytes) -> np.ndarray:
         return preprocess_bytes(data, self.size, self.limits)

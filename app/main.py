@@ -4,9 +4,10 @@
 
 Importing this module is cheap: nothing is loaded until the lifespan starts. Startup verifies
 the model directory (hashes included), opens the backend, checks its tensor shapes against
-model.json and runs a warm-up batch; only then does `/health` answer 200. Any failure is raised
-from the lifespan with a message naming the file, so uvicorn exits non-zero. Shutdown reports
-not-ready first, refuses new work, finishes what is queued, then stops the worker.
+model.json, runs a warm-up batch and decodes warm-up images in each decode thread; only then
+does `/health` answer 200. Any failure is raised from the lifespan with a message naming the
+file, so uvicorn exits non-zero. Shutdown reports not-ready first, refuses new work, finishes
+what is queued, then stops the worker.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.decoder = Decoder(
         service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
     )
+    await service.decoder.warm_up()
     service.body_budget = BodyBudget(settings.max_inflight_upload_bytes)
     service.batcher = Batcher(
         service.predict_functions(),

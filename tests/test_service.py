@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from app.artifacts import ArtifactError
+from app.decoding import Decoder
 from app.imaging import preprocess_file
 from app.main import create_app
 from app.routes import PredictResponse
@@ -276,6 +278,21 @@ async def test_400_undecodable_and_415_foreign(served):
         "/predict", content=b"hello", headers={"Content-Type": "text/plain"}
     )
     assert_error(text, 415)
+
+
+async def test_startup_decodes_warm_up_images_in_every_decode_thread(tiny_model_dir, monkeypatch):
+    threads: set[str] = set()
+    real_decode = Decoder.decode_one
+
+    def decode_one(self, data: bytes) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        return real_decode(self, data)
+
+    monkeypatch.setattr(Decoder, "decode_one", decode_one)
+    settings = make_settings(tiny_model_dir, decode_threads=3)
+    async with serve(settings):
+        # Pillow's format plugins loaded and every decode thread started before the first request.
+        assert len(threads) == 3 and all(name.startswith("decode") for name in threads)
 
 
 async def test_413_body_over_the_limit(served):
