@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     idle_inference_threads: int = Field(default=0, ge=0, le=1024)
     """With INFERENCE_SLOTS, TFLite only: a request alone on the host (no other request in
     flight in any server process sharing the slots) runs on an interpreter with this many
-    threads, holding every slot, instead of on one thread. 0 (default): off. Set it to the
-    number of cores."""
+    threads, holding every slot, instead of on one thread. 0 (default): off. Faster only for
+    requests sent back to back: after a pause of 10 ms or more a many-thread interpreter was
+    the slower one (bench/lone_request.py). To use it, set it to the number of cores."""
 
     inference_slots_dir: Path = Path(tempfile.gettempdir()) / "mobilevit-inference-slots"
     """Directory of the slots' lock files; processes sharing it share the slots."""

@@ -17,7 +17,8 @@ request in flight on the host and none has come since (`HostActivity`), and ever
 its batch takes all the slots and runs on an interpreter with one thread per core. Under any
 load batches keep to one thread each, which gets the most images through. Free slots alone are
 not enough to go wide: with two clients, one client's wide batch made the other's wait, and
-2-client throughput fell by 30%.
+2-client throughput fell by 30%. It is off by default: it helps only requests sent back to
+back, and after a pause the idle cores wake slowly (bench/lone_request.py).
 """
 
 from __future__ import annotations
