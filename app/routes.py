@@ -97,6 +97,11 @@ class RequestDeadline:
     async def __aexit__(self, exc_type, exc, tb) -> bool | None:
         if self._watcher is not None:
             self._watcher.cancel()
+            # The cancelled task keeps its CancelledError, whose traceback holds the watcher's
+            # frame, which holds `self`: without this the request's objects (about 50: task,
+            # frames, Request, uvicorn's cycle) become a reference cycle only the garbage
+            # collector frees, and collecting them cost 0.05-0.1 ms of CPU per request.
+            self._watcher = None
         try:
             return await self._timeout.__aexit__(exc_type, exc, tb)
         except TimeoutError:  # raised by our own timeout only: a TimeoutError from inside passes
