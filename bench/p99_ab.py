@@ -10,9 +10,15 @@ whose speed drifts by 20% within minutes, so whatever differs between their late
 from the servers, not from when they were measured. (Comparing separate 5-second rounds, as
 `bench.serve` does, mixes the two.)
 
+The two servers are not alike even with the same settings: in A/A runs (`--control`, both
+sides "on") the one started first, on the lower port, was 0.05-0.10 ms slower at p50 every time.
+So each mode runs in two halves, "on" started first and then "off" started first (new servers
+each time), and the sides are pooled: that bias then falls on both alike.
+
 Prints p50, p90, p99, p99.9 and the worst latency of each side, and, for p50 and p99, the
-difference on-off with a 95% bootstrap interval over the pairs: an interval that holds 0 means
-no difference was found at this number of requests.
+difference on-off with a 95% bootstrap interval over the pairs, and that difference in each half.
+An interval that holds 0 means no difference was found at this number of requests; halves that
+disagree show how much two server processes differ by themselves.
 """
 
 from __future__ import annotations
@@ -81,17 +87,17 @@ def servers_side_by_side(model: Path, port: int, envs: list[dict]) -> Iterator[l
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Latencies (ms) of `args.requests` pairs against `mode` with batching on and off."""
-    envs = [MODES[mode], {**MODES[mode], "MOBILEVIT_MAX_BATCH_SIZE": "1"}]
-    with servers_side_by_side(args.model, args.port, envs) as ports:
+def measure_pairs(model: Path, port: int, envs: list[dict], requests: int, warmup: int,
+                  seed: int, blobs: list[bytes]) -> np.ndarray:  # fmt: skip
+    """Latencies (ms), [requests, 2]: each photo to both servers, in a random order per pair."""
+    with servers_side_by_side(model, port, envs) as ports:
         conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for port in ports]
-        for k in range(args.warmup):  # connections open, caches warm, on both sides
+        for k in range(warmup):  # connections open, caches warm, on both sides
             for conn in conns:
                 post(conn, blobs[k % len(blobs)])
-        order = random.Random(args.seed)
-        latencies = np.zeros((args.requests, 2))
-        for i in range(args.requests):
+        order = random.Random(seed)
+        latencies = np.zeros((requests, 2))
+        for i in range(requests):
             body = blobs[i % len(blobs)]
             sides = [0, 1]
             order.shuffle(sides)
@@ -99,7 +105,25 @@ def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarra
                 latencies[i, side] = post(conns[side], body) * 1000
         for conn in conns:
             conn.close()
-    return latencies[:, 0], latencies[:, 1]
+    return latencies
+
+
+def run_pair(mode: str, args, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Latencies (ms) of `args.requests` pairs against `mode` with batching on and off (with
+    `args.control`, on twice), half with each side started first; and p50 on-off per half."""
+    on = MODES[mode]
+    off = on if args.control else {**on, "MOBILEVIT_MAX_BATCH_SIZE": "1"}
+    halves, half_p50 = [], []
+    for on_first in (True, False):
+        envs = [on, off] if on_first else [off, on]
+        pairs = measure_pairs(args.model, args.port, envs, args.requests // 2, args.warmup,
+                              args.seed + on_first, blobs)  # fmt: skip
+        if not on_first:
+            pairs = pairs[:, ::-1]  # columns: on, off
+        halves.append(pairs)
+        half_p50.append(float(np.percentile(pairs[:, 0], 50) - np.percentile(pairs[:, 1], 50)))
+    latencies = np.concatenate(halves)
+    return latencies[:, 0], latencies[:, 1], half_p50
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,27 +135,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="pairs sent before measuring")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8765, help="'on' server; 'off' gets port + 1")
+    p.add_argument("--port", type=int, default=8765, help="first server; the second gets port + 1")
+    p.add_argument(
+        "--control", action="store_true", help="A/A: the second side is 'on' too (no batching off)"
+    )
     args = p.parse_args(argv)
 
     blobs = [f.read_bytes() for f in photo_files(args.photos, 64)]
-    print(f"1 client, {args.requests} pairs per mode (the same photo to batching on and off, in "
-          f"random order), {len(blobs)} real JPEG photos as raw image/jpeg bodies, "
-          f"{os.cpu_count()} CPUs; latencies in ms\n")  # fmt: skip
+    sides = "the same server settings twice (A/A)" if args.control else "batching on and off"
+    print(f"1 client, {args.requests} pairs per mode (the same photo to {sides}, in random order;"
+          f" half with each side started first), {len(blobs)} real JPEG photos as raw image/jpeg"
+          f" bodies, {os.cpu_count()} CPUs; latencies in ms\n")  # fmt: skip
     heads = "".join(f"{'p' + format(q, 'g'):>8}" for q in PERCENTILES)
     print(f"{'mode':<8}{'batching':>9}{heads}{'worst':>8}")
     summaries = []
     for mode in args.modes.split(","):
-        on, off = run_pair(mode, args, blobs)
-        for name, values in (("on", on), ("off", off)):
+        on, off, half_p50 = run_pair(mode, args, blobs)
+        for name, values in (("on", on), ("on again" if args.control else "off", off)):
             cells = "".join(f"{np.percentile(values, q):>8.2f}" for q in PERCENTILES)
             print(f"{mode:<8}{name:>9}{cells}{values.max():>8.1f}", flush=True)
         for q in (50, 99):
             diff, low, high = bootstrap_diff(on, off, q, args.bootstrap, args.seed)
+            halves = "" if q != 50 else "   halves: " + ", ".join(f"{d:+.2f}" for d in half_p50)
             summaries.append(f"{mode:<8}{'p' + str(q):>5}{diff:>+10.2f}   [{low:+.2f}, {high:+.2f}]"
-                             f"   {np.mean(on > off):>6.0%}")  # fmt: skip
+                             f"   {np.mean(on > off):>6.0%}{halves}")  # fmt: skip
     print(f"\non - off (ms), 95% bootstrap interval over the pairs; 'on slower' is the share of "
-          f"pairs where on took longer\n{'mode':<8}{'':>5}{'on - off':>10}   interval"
+          f"pairs where on took longer;\nhalves: p50 on - off with on started first, then with "
+          f"off started first\n{'mode':<8}{'':>5}{'on - off':>10}   interval"
           f"{'':>10}on slower")  # fmt: skip
     print("\n".join(summaries))
     return 0
