@@ -10,20 +10,21 @@ RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
 EXPORT_DIR ?= models/$(notdir $(RUN))
 
-.PHONY: serve test test-slow lint format train export evaluate bench install install-dev clean
+.PHONY: serve test test-slow lint format train export evaluate bench install install-dev lock clean
 
-# Serving dependencies only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow).
-$(VENV)/.serve: pyproject.toml
+# Serving dependencies only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow). Every package at
+# the version in constraints.txt (`make lock`), the set the tests last passed with.
+$(VENV)/.serve: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
 # Training, export and test tools on top (TensorFlow, Keras, pytest, ruff, ...).
-$(VENV)/.dev: pyproject.toml
+$(VENV)/.dev: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.serve
 
 install: $(VENV)/.serve
@@ -79,6 +80,20 @@ bench: $(VENV)/.dev
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.upload_burst --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
+
+# Re-pin constraints.txt to the newest versions that pyproject.toml allows, from a fresh venv
+# with every extra; then run `make test` (CI installs exactly this set).
+LOCK_VENV ?= /tmp/mobilevit-lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev,savedmodel]'
+	{ echo "# The version of every package that make serve, make test and the Docker image install"; \
+	  echo "# (pip -c). Written by make lock with $$($(LOCK_VENV)/bin/python -V) on $$(uname -sm):"; \
+	  echo "# change dependencies in pyproject.toml, then re-run make lock."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

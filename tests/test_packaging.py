@@ -11,11 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.serving_helpers import free_port
 
@@ -53,6 +57,31 @@ def test_dockerfile_runs_as_non_root_with_healthcheck():
     assert "HEALTHCHECK" in runtime and "/health" in runtime
     assert image_cmd()[:2] == ["uvicorn", "app.main:app"]
     assert "COPY models/ models/" in runtime
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    """constraints.txt (`make lock`) pins each package pyproject.toml asks for, inside the range
+    it asks: a dependency added or re-ranged without re-locking fails here, not in an install."""
+    pins = {
+        canonicalize_name(name): Version(version)
+        for name, version in re.findall(
+            r"^([\w.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M
+        )
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    wanted = [Requirement(r) for r in project["dependencies"] + [r for e in extras for r in e]]
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        if name == canonicalize_name(project["name"]):  # an extra that names other extras
+            continue
+        assert name in pins, f"{requirement.name} is not in constraints.txt: run make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside {requirement}: run make lock"
+        )
+    assert "-c constraints.txt" in DOCKERFILE
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.count("-c constraints.txt -e") == 2  # the serving and the dev install
 
 
 def test_compose_file_is_valid():
