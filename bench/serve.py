@@ -16,6 +16,7 @@ inference of the same photos in a plain in-process loop on all cores.
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
 FastAPI, batching) and in its other threads (decode, inference), over all its processes; "wrk ms"
 is the load generator's own CPU time per request, which the ceiling does not have to share.
+"batch" is the mean number of images per backend call during the load (from /metrics).
 "busiest" is, per round, how many of the connections the busiest server process held (the
 kernel hands each new connection to whichever process accepts first).
 
@@ -165,6 +166,19 @@ def thread_cpu(pids: list[int]) -> tuple[float, float]:
     return loop, other
 
 
+def batch_totals(port: int) -> tuple[float, float]:
+    """(images, backend calls) the service has run so far, summed over its processes, from
+    its /metrics batch-size histogram."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{")[0].split(" ")[0] == name)  # fmt: skip
+
+    return total("mobilevit_batch_size_sum"), total("mobilevit_batch_size_count")
+
+
 def children_cpu() -> float:
     """CPU seconds of this process's children that have ended (wrk, once waited for)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
           "worst\n")  # fmt: skip
     print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}"
-          f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}  busiest")  # fmt: skip
+          f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}{'batch':>7}  busiest")  # fmt: skip
     for mode in args.modes.split(","):
         env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
@@ -301,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 limits, runs = [], []
                 for _ in range(args.rounds):
                     limits.append(ceiling(args.model, artifact, blobs, size, args.ceiling_seconds))
+                    images0, calls0 = batch_totals(args.port)
                     runs.append(run_wrk(args.port, clients, args.seconds, photos, server.pid))
+                    images1, calls1 = batch_totals(args.port)
+                    runs[-1]["batch"] = (images1 - images0) / max(1.0, calls1 - calls0)
                 rps, limit = np.mean([r["rps"] for r in runs]), np.mean(limits)
                 p50 = np.median([r["p50"] for r in runs])
                 p99 = max(r["p99"] for r in runs)
@@ -310,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = ("loop_ms", "work_ms", "client_ms")
                 loop_ms, work_ms, wrk_ms = (np.mean([r[k] for r in runs]) for k in cpu)
                 busiest = ",".join(str(r["most_conns"]) for r in runs)
+                batch = np.mean([r["batch"] for r in runs])
                 print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
                       f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}{loop_ms:>9.2f}"
-                      f"{work_ms:>9.2f}{wrk_ms:>8.2f}  {busiest}", flush=True)  # fmt: skip
+                      f"{work_ms:>9.2f}{wrk_ms:>8.2f}{batch:>7.1f}  {busiest}",
+                      flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)

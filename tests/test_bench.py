@@ -1,7 +1,11 @@
 """The statistics the benchmarks print their claims with."""
 
+import re
+
 import numpy as np
 
+from bench.batch_cost import main as batch_cost
+from bench.batch_cost import recommended_batch
 from bench.p99_ab import bootstrap_diff
 
 
@@ -20,3 +24,25 @@ def test_bootstrap_interval_finds_a_real_shift():
     diff, low, high = bootstrap_diff(on, off, 50, rounds=500, seed=0)
     assert diff == np.float64(np.percentile(on, 50) - np.percentile(off, 50))
     assert 0.9 < low <= diff <= high < 1.1
+
+
+def test_recommended_batch_is_the_largest_within_tolerance_of_the_best():
+    at_160px = {1: 425.9, 2: 433.5, 4: 434.1, 6: 431.3, 8: 420.4}  # bench.batch_cost figures
+    assert recommended_batch(at_160px, 0.02) == 6
+    assert recommended_batch(at_160px, 0.05) == 8
+    at_256px = {1: 153.7, 2: 149.8, 3: 144.5, 4: 140.0, 8: 131.5}
+    assert recommended_batch(at_256px, 0.03) == 2
+    assert recommended_batch(at_256px, 0.07) == 3
+    assert recommended_batch(at_256px, 0.02) == 2  # 1 would turn batching off
+    assert recommended_batch({1: 153.7, 4: 140.0}, 0.02) == 1  # 2 not measured
+
+
+def test_batch_cost_runs_every_batch_size(tiny_model_dir, photo_dir, capsys):
+    code = batch_cost(["--model", str(tiny_model_dir), "--photos", str(photo_dir),
+                       "--batches", "1,2,4", "--rounds", "2", "--seconds", "0.05"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 4]
+    assert all(float(r[1]) > 0 for r in rows) and max(float(r[2]) for r in rows) == 1.0
+    assert re.search(r"MOBILEVIT_MAX_BATCH_SIZE=[24]\)$", out, re.M)
