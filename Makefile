@@ -74,7 +74,7 @@ evaluate: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.batch_cost --model $(MODEL)
-	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,2proc-wide,2proc-1w,1proc,off
+	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,bare,1proc,off
 	$(PY) -m bench.http_floor
 	$(PY) -m bench.p99_ab --model $(MODEL)
 	$(PY) -m bench.lone_request --model $(MODEL)

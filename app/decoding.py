@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.datastructures import Headers
+from starlette.types import Receive
 
 from app.errors import ApiError
 from app.imaging import DecodeLimits, ImageError, preprocess_bytes
@@ -112,10 +113,12 @@ class BodyReservation:
         self.release()
 
 
-async def read_body(request: Request, limit: int, reservation: BodyReservation) -> bytes:
+async def read_body(
+    headers: Headers, receive: Receive, limit: int, reservation: BodyReservation
+) -> bytes:
     """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes, and (503)
     when `reservation` cannot take it."""
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
@@ -125,34 +128,35 @@ async def read_body(request: Request, limit: int, reservation: BodyReservation) 
             raise ApiError(413, f"request body is {size} bytes; the limit is {limit} bytes")
         reservation.take(max(0, size))
     body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-            if len(body) > reservation.held:  # no (or a short) Content-Length
-                reservation.take(len(body) - reservation.held)
-    except ClientDisconnect:
-        raise ApiError(400, "client disconnected before sending the whole body") from None
-    return bytes(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ApiError(400, "client disconnected before sending the whole body")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        if len(body) > reservation.held:  # no (or a short) Content-Length
+            reservation.take(len(body) - reservation.held)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 async def read_uploads(
-    request: Request, max_bytes: int, max_files: int, reservation: BodyReservation
+    headers: Headers, receive: Receive, max_bytes: int, max_files: int, reservation: BodyReservation
 ) -> list[Upload]:
     """Images of a `/predict` request: multipart `file` parts, or one raw `image/*` body."""
-    kind, options = media_type(request.headers.get("content-type"))
+    kind, options = media_type(headers.get("content-type"))
     if kind == "multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
             raise ApiError(400, "multipart/form-data without a boundary parameter")
-        body = await read_body(request, max_bytes, reservation)
+        body = await read_body(headers, receive, max_bytes, reservation)
         return parse_multipart(body, boundary, max_files)
     if is_image_type(kind):
-        body = await read_body(request, max_bytes, reservation)
+        body = await read_body(headers, receive, max_bytes, reservation)
         if not body:
             raise ApiError(400, "empty request body; send the image bytes")
-        disposition = request.headers.get("content-disposition")
+        disposition = headers.get("content-disposition")
         filename = media_type(disposition)[1].get(b"filename") if disposition else None
         return [Upload(sanitize_filename(filename), body)]
     shown = kind or "none"

@@ -120,11 +120,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, _describe_validation(list(exc.errors())))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.error(
-        "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc
-    )
+def unexpected_error(exc: Exception, method: str, path: str) -> JSONResponse:
+    """500 for an exception nobody expected; the traceback goes to the log, never the client."""
+    logger.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
     return error_response(500, "internal server error")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_error(exc, request.method, request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -21,8 +21,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from app import routes, v2
+from app import predict, routes, v2
 from app.artifacts import ArtifactError
 from app.batcher import Batcher
 from app.decoding import BodyBudget, Decoder
@@ -99,10 +100,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("stopped after draining the queue")
 
 
+class ServiceApp(FastAPI):
+    """FastAPI, with `POST /predict` taken before FastAPI's middleware stack (`app.predict`)."""
+
+    fast_path: predict.FastPath
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path.handles(scope):
+            scope["app"] = self
+            await self.fast_path(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new application (own settings, own metrics registry); the model loads in the lifespan."""
     settings = settings or Settings()
-    app = FastAPI(
+    app = ServiceApp(
         title="MobileViT image classification",
         version=API_VERSION,
         summary="Classifies images with a MobileViT model exported as TFLite or SavedModel.",
@@ -114,11 +128,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.router.routes.append(routes.predict_route)
+    predict_route = predict.predict_route(app.state)
+    app.router.routes.append(predict_route)
+    app.fast_path = predict.FastPath(predict_route, MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(routes.router)
     app.include_router(v2.router)
     generate_openapi = app.openapi
-    app.openapi = lambda: routes.document_predict(generate_openapi())  # type: ignore[method-assign]
+    app.openapi = lambda: predict.document_predict(generate_openapi())  # type: ignore[method-assign]
     return app
 
 

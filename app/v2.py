@@ -239,9 +239,11 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
     settings = service.settings
     assert service.decoder is not None and service.body_budget is not None
     with service.in_flight():
-        async with RequestDeadline(request, settings.request_timeout_s) as deadline:
+        async with RequestDeadline(request.receive, settings.request_timeout_s) as deadline:
             with service.body_budget.reserve() as reservation:
-                body = await read_body(request, settings.max_upload_bytes, reservation)
+                body = await read_body(
+                    request.headers, request.receive, settings.max_upload_bytes, reservation
+                )
                 deadline.watch_client()
                 # JSON parsing and tensor checks of a body up to MAX_UPLOAD_BYTES run off the loop.
                 request_id, images = await service.decoder.run(

@@ -8,10 +8,11 @@ on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference worke
 "off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2
 processes of 1 inference worker each, "2proc-wide", 2proc with a lone request on both cores
 (IDLE_INFERENCE_THREADS=2), "2proc-log", 2proc with uvicorn's access log on, "3proc", 2proc with a
-third process, and "1x2", one process with one 2-thread worker. Drives each with wrk
-(one load thread, real photos as raw image/jpeg bodies) at 1, 4, 16 and 64 concurrent clients,
-and prints throughput, p50/p99 latency and errors next to the ceiling: decode + resize +
-inference of the same photos in a plain in-process loop on all cores.
+third process, "1x2", one process with one 2-thread worker, and "bare", 2proc serving
+`bench.bare_service` (the design's skeleton around the real work, none of the app's
+features). Drives each with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4,
+16 and 64 concurrent clients, and prints throughput, p50/p99 latency and errors next to the
+ceiling: decode + resize + inference of the same photos in a plain in-process loop on all cores.
 "CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
 "loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
 FastAPI, batching) and in its other threads (decode, inference), over all its processes; "wrk ms"
@@ -269,6 +270,9 @@ MODES["2proc-log"] = {**MODES["2proc"], "UVICORN_ACCESS_LOG": "true"}
 MODES["2proc-wide"] = {**MODES["2proc"], "MOBILEVIT_IDLE_INFERENCE_THREADS": "2"}
 # 2proc with a third process on the same two slots.
 MODES["3proc"] = {**MODES["2proc"], "WEB_CONCURRENCY": "3"}
+# 2proc serving bench/bare_service.py: the design's skeleton with the real work, no features.
+MODES["bare"] = MODES["2proc"]
+APPS = {"bare": "bench.bare_service:app"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
                 prefix="bench-metrics-"
             )
-        server = start_server(args.port, env)
+        server = start_server(args.port, env, APPS.get(mode, "app.main:app"))
         try:
             for clients in (int(c) for c in args.clients.split(",")):
                 limits, runs = [], []

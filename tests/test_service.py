@@ -23,9 +23,11 @@ import pytest
 
 from app.artifacts import ArtifactError
 from app.decoding import Decoder
+from app.errors import ApiError
 from app.imaging import preprocess_file
 from app.main import create_app
-from app.routes import PredictResponse
+from app.predict import PredictResponse
+from app.routes import RequestDeadline
 from app.settings import DEFAULT_MODEL_DIR, Settings
 from tests.serving_helpers import (
     LABELS,
@@ -242,6 +244,59 @@ async def test_metrics(served):
     assert "mobilevit_queue_depth 0.0" in text
     assert metric_value(text, "mobilevit_ready") == 1
     assert 'format="' + served.fmt + '"' in text
+
+
+async def test_predict_answers_alike_on_the_fast_path_and_through_the_router(served):
+    # POST /predict skips FastAPI's middleware (ServiceApp.fast_path); under a root path it goes
+    # through the router to the same endpoint. Either way: the same answer, counted once.
+    def predicted(text: str) -> float:
+        return metric_value(text, "mobilevit_http_requests_total", route="/predict", status="200")
+
+    before = predicted((await served.client.get("/metrics")).text)
+    fast = await predict_files(served, jpeg_part("red"), jpeg_part("blue"), top_k=2)
+    transport = httpx.ASGITransport(app=served.app, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as routed_client:
+        assert not served.app.fast_path.handles({"type": "http", "method": "POST",
+                                                 "path": "/api/predict"})  # fmt: skip
+        routed = await routed_client.post(
+            "/api/predict", files=[jpeg_part("red"), jpeg_part("blue")], params={"top_k": 2}
+        )
+        broken = await routed_client.post(
+            "/api/predict", content=b"not an image", headers={"Content-Type": "image/jpeg"}
+        )
+    assert fast.status_code == routed.status_code == 200
+    assert [p["top_k"] for p in fast.json()["predictions"]] == [
+        p["top_k"] for p in routed.json()["predictions"]
+    ]
+    assert_error(broken, 400, "bad_request")
+    assert predicted((await served.client.get("/metrics")).text) - before == 2
+
+
+async def test_a_quick_request_starts_no_disconnect_watcher():
+    # Watching for a disconnect takes a task; only a request still unanswered after
+    # WATCH_AFTER_S pays for one (and a client that left while it waited is then noticed).
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async with RequestDeadline(receive, 30) as quick:
+        quick.watch_client()
+    assert quick._watcher is None and quick._start_watch is None
+
+    left = asyncio.Event()
+
+    async def leaving() -> dict:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    started = time.monotonic()
+    with pytest.raises(ApiError) as gone:
+        async with RequestDeadline(leaving, 30) as slow:
+            slow.watch_client()
+            left.set()
+            await asyncio.sleep(30)
+    assert gone.value.status == 499
+    assert RequestDeadline.WATCH_AFTER_S <= time.monotonic() - started < 5
 
 
 async def test_openapi_describes_the_api(served):
