@@ -2,7 +2,7 @@
 
 FastAPI's dependency solving and response validation cost about 0.3 ms of event-loop CPU per
 request (bench/serve.py, "loop ms"), and Starlette's request object, middleware stack and routing
-about 0.1 ms more, where uvicorn's own share is about 0.2 ms. So `PredictEndpoint` reads the ASGI
+about 0.05 ms more, where uvicorn's own share is about 0.2 ms. So `PredictEndpoint` reads the ASGI
 messages itself and answers its own errors in the one JSON shape (`app.errors`), and `FastPath`
 lets the app call it, behind the metrics middleware only, before FastAPI's stack. The route stays
 in the router as well (`predict_route`), which gives the OpenAPI schema (`document_predict`), the

@@ -1,12 +1,16 @@
-"""The statistics and choices the benchmarks print their claims with."""
+"""The statistics and choices the benchmarks print their claims with, and the bare service."""
 
+import importlib
 import re
 
+import httpx
 import numpy as np
+import pytest
 
 from bench.batch_cost import main as batch_cost
 from bench.batch_cost import recommended_batch
 from bench.p99_ab import bootstrap_diff
+from tests.serving_helpers import Lifespan, image_bytes
 
 
 def test_bootstrap_interval_holds_zero_for_the_same_distribution():
@@ -46,3 +50,26 @@ def test_batch_cost_runs_every_batch_size(tiny_model_dir, photo_dir, capsys):
     assert [int(r[0]) for r in rows] == [1, 2, 4]
     assert all(float(r[1]) > 0 for r in rows) and max(float(r[2]) for r in rows) == 1.0
     assert re.search(r"MOBILEVIT_MAX_BATCH_SIZE=[24]\)$", out, re.M)
+
+
+@pytest.mark.anyio
+async def test_the_bare_service_classifies_through_the_real_batcher(tiny_model_dir, monkeypatch):
+    # bench.serve's "bare" mode: /predict without the app's features; the rest is the real app.
+    monkeypatch.setenv("MOBILEVIT_MODEL_DIR", str(tiny_model_dir))
+    import bench.bare_service as bare
+
+    bare = importlib.reload(bare)  # its app reads the settings at import
+    lifespan = Lifespan(bare.app)
+    await lifespan.startup()
+    try:
+        transport = httpx.ASGITransport(app=bare.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            ok = await client.post("/predict", content=image_bytes("red"))
+            broken = await client.post("/predict", content=b"not an image")
+            metrics = (await client.get("/metrics")).text
+    finally:
+        await lifespan.shutdown()
+    assert ok.status_code == 200 and ok.json()["label"] == "red"
+    assert broken.status_code == 400
+    assert "mobilevit_batch_size_count 1.0" in metrics  # counted by the real batcher
