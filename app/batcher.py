@@ -162,16 +162,20 @@ class Batcher:
     def submit(self, image: np.ndarray) -> asyncio.Future:
         return self.submit_many([image])[0]
 
-    def submit_many(self, images: Sequence[np.ndarray]) -> list[asyncio.Future]:
-        """Queue all images or none: raises `Overloaded` if they do not all fit."""
+    def admit(self, count: int) -> None:
+        """Raise `Overloaded` (counting `count` images rejected) unless `count` more fit now."""
         if not self._accepting:
-            self.stats.rejected += len(images)
+            self.stats.rejected += count
             raise Overloaded("service is shutting down" if self._closing else "batcher not started")
-        if len(self._queue) + len(images) > self.queue_limit:
-            self.stats.rejected += len(images)
+        if len(self._queue) + count > self.queue_limit:
+            self.stats.rejected += count
             raise Overloaded(
                 f"inference queue is full ({len(self._queue)} waiting, limit {self.queue_limit})"
             )
+
+    def submit_many(self, images: Sequence[np.ndarray]) -> list[asyncio.Future]:
+        """Queue all images or none: raises `Overloaded` if they do not all fit."""
+        self.admit(len(images))
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []

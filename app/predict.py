@@ -12,7 +12,6 @@ in the router as well (`predict_route`), which gives the OpenAPI schema (`docume
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -25,9 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.decoding import FILE_FIELD, read_uploads
 from app.errors import CODES, ApiError, ErrorBody, error_response, unexpected_error
-from app.routes import RequestDeadline, check_api_key, classify, serving
-
-logger = logging.getLogger("app.predict")
+from app.routes import RequestDeadline, admit, check_api_key, classify, serving
 
 DEFAULT_TOP_K = 3
 
@@ -139,6 +136,7 @@ class PredictEndpoint:
                         headers, receive, settings.max_upload_bytes, settings.max_files, reservation
                     )
                     deadline.watch_client()
+                    admit(service, len(uploads))
                     decode_started = time.perf_counter()
                     images = await service.decoder.decode(uploads)
                 # The encoded bytes are no longer needed: a request waiting in the queue holds

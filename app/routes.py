@@ -61,6 +61,17 @@ async def require_api_key(request: Request) -> None:
 ReadyService = Annotated[Service, Depends(ready_service)]
 
 
+def admit(service: Service, count: int) -> None:
+    """503 at once if the queue cannot take `count` more images now. Checked before decoding:
+    under overload, clients that retry at once would otherwise have an image decoded for every
+    503 they get, CPU taken from the requests being served."""
+    assert service.batcher is not None
+    try:
+        service.batcher.admit(count)
+    except Overloaded as exc:
+        raise ApiError(503, str(exc), code="overloaded") from None
+
+
 async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarray]:
     """Rows of probabilities through the shared batcher; queue full → 503, backend error → 500."""
     assert service.batcher is not None

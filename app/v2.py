@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.decoding import read_body
 from app.errors import ApiError, error_responses
-from app.routes import RequestDeadline, classify, ready_service, require_api_key
+from app.routes import RequestDeadline, admit, classify, ready_service, require_api_key
 from app.service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -245,6 +245,7 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
                     request.headers, request.receive, settings.max_upload_bytes, reservation
                 )
                 deadline.watch_client()
+                admit(service, 1)  # before the costly parse; the whole count once parsed
                 # JSON parsing and tensor checks of a body up to MAX_UPLOAD_BYTES run off the loop.
                 request_id, images = await service.decoder.run(
                     _parse_and_check, body, service.size, settings.max_files

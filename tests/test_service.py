@@ -425,9 +425,19 @@ async def test_500_when_inference_fails(served, monkeypatch):
 
 
 async def test_503_when_the_queue_is_full(served, monkeypatch):
-    monkeypatch.setattr(served.app.state.service.batcher, "queue_limit", 0)
+    service = served.app.state.service
+    monkeypatch.setattr(service.batcher, "queue_limit", 0)
+    decoded = []
+    real_decode = service.decoder.decode
+
+    async def decode(uploads):
+        decoded.append(len(uploads))
+        return await real_decode(uploads)
+
+    monkeypatch.setattr(service.decoder, "decode", decode)
     response = await predict_files(served, jpeg_part("red"))
     assert_error(response, 503, "overloaded")
+    assert decoded == []  # turned away before its image cost a decode
     text = (await served.client.get("/metrics")).text
     assert metric_value(text, "mobilevit_http_requests_total", route="/predict", status="503") >= 1
 

@@ -167,6 +167,16 @@ async def test_not_ready_is_503(served):
         assert (await served.client.get("/v2/health/live")).status_code == 200
 
 
+async def test_full_queue_is_503_before_the_body_is_parsed(served, monkeypatch):
+    service = served.app.state.service
+    monkeypatch.setattr(service.batcher, "queue_limit", 0)
+    parsed = []
+    monkeypatch.setattr(service.decoder, "run", lambda *args: parsed.append(args))
+    response = await served.client.post(INFER, json=request(pixels("red")[None]))
+    assert_error(response, 503, "overloaded")
+    assert "Retry-After" in response.headers and parsed == []
+
+
 async def test_infer_failure_is_500(served, monkeypatch):
     def broken(images):
         raise RuntimeError("backend exploded")
