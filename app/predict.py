@@ -5,9 +5,9 @@ request (bench/serve.py, "loop ms"), and Starlette's request object, middleware 
 about 0.05 ms more, where uvicorn's own share is about 0.2 ms. So `PredictEndpoint` reads the ASGI
 messages itself and answers its own errors in the one JSON shape (`app.errors`), and `FastPath`
 lets the app call it, behind the metrics middleware only, before FastAPI's stack. The route stays
-in the router as well (`predict_route`), which gives the OpenAPI schema (`document_predict`), the
-405 for other methods and the way in under a root path; the tests check the answers against
-`PredictResponse`.
+in the router as well (`predict_route`), for the 405 to other methods and the way in under a root
+path. `document_predict` describes it in the OpenAPI schema, and the tests check the answers
+against `PredictResponse`.
 """
 
 from __future__ import annotations
