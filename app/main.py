@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     predict_route = predict.predict_route(app.state)
     app.router.routes.append(predict_route)
-    app.fast_path = predict.FastPath(predict_route, MetricsMiddleware, metrics=app.state.metrics)
+    counted = MetricsMiddleware(predict_route.app, metrics=app.state.metrics)
+    app.fast_path = predict.FastPath(predict_route, counted)
     app.include_router(routes.router)
     app.include_router(v2.router)
     generate_openapi = app.openapi

@@ -61,6 +61,10 @@ async def require_api_key(request: Request) -> None:
 ReadyService = Annotated[Service, Depends(ready_service)]
 
 
+def _unavailable(exc: Overloaded) -> ApiError:
+    return ApiError(503, str(exc), code="overloaded")
+
+
 def admit(service: Service, count: int) -> None:
     """503 at once if the queue cannot take `count` more images now. Checked before decoding:
     under overload, clients that retry at once would otherwise have an image decoded for every
@@ -69,7 +73,7 @@ def admit(service: Service, count: int) -> None:
     try:
         service.batcher.admit(count)
     except Overloaded as exc:
-        raise ApiError(503, str(exc), code="overloaded") from None
+        raise _unavailable(exc) from None
 
 
 async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -78,7 +82,7 @@ async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarra
     try:
         return await service.batcher.predict_many(images)
     except Overloaded as exc:
-        raise ApiError(503, str(exc), code="overloaded") from None
+        raise _unavailable(exc) from None
     except InferenceFailed:
         raise ApiError(500, "inference failed", code="inference_failed") from None
 
