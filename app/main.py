@@ -107,7 +107,6 @@ class ServiceApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_path.handles(scope):
-            scope["app"] = self
             await self.fast_path(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
