@@ -38,6 +38,7 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv
 COPY app/ app/
+COPY contract/ contract/
 COPY models/ models/
 USER 1000
 EXPOSE 8000

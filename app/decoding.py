@@ -5,7 +5,7 @@ byte is read; 503 if the process's `BodyBudget` cannot hold it), the body counte
 streams in (413 at the limit, 503 past the budget), then multipart parsing
 of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
 `file` part), then decoding with the pixel limit checked from the image header (413) in
-`DECODE_THREADS` threads via `app.imaging.preprocess_bytes`.
+`DECODE_THREADS` threads via `contract.preprocess.preprocess_bytes`, under the card's rule.
 """
 
 from __future__ import annotations
@@ -27,13 +27,29 @@ from starlette.datastructures import Headers
 from starlette.types import Receive
 
 from app.errors import ApiError
-from app.imaging import DecodeLimits, ImageError, preprocess_bytes
+from contract.preprocess import (
+    DecodeLimits,
+    ImageError,
+    ImageTooLarge,
+    PreprocessingSpec,
+    UnsupportedImageType,
+    preprocess_bytes,
+)
 
 FILE_FIELD = "file"
 MAX_FILENAME_CHARS = 128
 #: Non-file form fields tolerated next to the files (they are ignored).
 MAX_EXTRA_PARTS = 8
 RAW_TYPES = ("application/octet-stream",)
+
+
+def image_error_status(error: ImageError) -> int:
+    """The HTTP status of a decode failure: 413 too large, 415 not an image, else 400."""
+    if isinstance(error, ImageTooLarge):
+        return 413
+    if isinstance(error, UnsupportedImageType):
+        return 415
+    return 400
 
 
 @dataclass(frozen=True)
@@ -272,12 +288,13 @@ def _warm_up_samples() -> list[bytes]:
 
 
 class Decoder:
-    """Decode + resize in a thread pool sized by DECODE_THREADS."""
+    """Decode + resize under the model card's rule, in a thread pool sized by DECODE_THREADS."""
 
-    def __init__(self, size: int, limits: DecodeLimits, threads: int):
+    def __init__(self, size: int, limits: DecodeLimits, threads: int, spec: PreprocessingSpec):
         self.size = size
         self.limits = limits
         self.threads = threads
+        self.spec = spec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
 
     async def warm_up(self) -> None:
@@ -300,7 +317,7 @@ class Decoder:
         )
 
     def decode_one(self, data: bytes) -> np.ndarray:
-        return preprocess_bytes(data, self.size, self.limits)
+        return preprocess_bytes(data, self.size, self.limits, self.spec)
 
     async def decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
         """uint8 [size, size, 3] per upload, in order; the first failing upload sets the error."""
@@ -310,7 +327,7 @@ class Decoder:
         for upload, result in zip(uploads, results, strict=True):
             if isinstance(result, ImageError):
                 where = f"{upload.filename}: " if upload.filename else ""
-                raise ApiError(result.status, f"{where}{result}")
+                raise ApiError(image_error_status(result), f"{where}{result}")
             if isinstance(result, BaseException):
                 raise result
         return list(results)  # type: ignore[arg-type]

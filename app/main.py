@@ -24,14 +24,14 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from app import predict, routes, v2
-from app.artifacts import ArtifactError
 from app.batcher import Batcher
 from app.decoding import BodyBudget, Decoder
 from app.errors import install_error_handlers
-from app.imaging import DecodeLimits
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import load_service
 from app.settings import Settings
+from contract.card import ArtifactError
+from contract.preprocess import DecodeLimits
 
 logger = logging.getLogger("app")
 if not logger.handlers:  # uvicorn configures only its own loggers; show ours beside them
@@ -55,7 +55,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.error("cannot serve %s: %s", settings.model_dir, exc)
         raise
     service.decoder = Decoder(
-        service.size, DecodeLimits(max_pixels=settings.max_image_pixels), settings.decode_threads
+        service.size,
+        DecodeLimits(max_pixels=settings.max_image_pixels),
+        settings.decode_threads,
+        service.card.preprocessing,
     )
     await service.decoder.warm_up()
     service.body_budget = BodyBudget(settings.max_inflight_upload_bytes)

@@ -205,10 +205,14 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
         "labels": card.labels,
         "input": card.input.model_dump(),
         "output": card.output,
-        "preprocessing": card.preprocessing,
+        "preprocessing": card.preprocessing.model_dump(),
         "training": card.training,
         "metrics": card.metrics,
-        "artifacts": [artifact.model_dump() for artifact in card.artifacts],
+        "artifacts": [
+            {**artifact.model_dump(), "present": artifact.file not in service.missing_artifacts}
+            for artifact in card.artifacts
+        ],
+        "evaluated_on": card.evaluated_on.model_dump() if card.evaluated_on else None,
         "default_artifacts": card.default_artifacts,
         "created": card.created,
         "built_with": card.versions,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import Artifact, ArtifactError, ModelCard, load_model_card
-from app.backends import Backend, check_shapes, open_backend
 from app.batcher import Batcher
 from app.decoding import BodyBudget, Decoder
 from app.settings import Settings
 from app.slots import WIDE_MAX_BATCH, HostActivity, Predict, Slots, open_slots
+from contract.card import Artifact, ArtifactError, ModelCard, read_card, verify_for_serving
+from contract.runtime import Backend, allowed_batch_sizes, check_shapes, open_backend
 
 logger = logging.getLogger("app.service")
 
@@ -32,6 +32,8 @@ class Service:
     artifact_path: Path
     backend: Backend
     runtime: dict[str, str]
+    #: Files model.json lists that this deployment does not have (only the served one is needed).
+    missing_artifacts: list[str] = field(default_factory=list)
     #: One backend per inference worker (TFLite interpreters are not thread-safe; a TensorFlow
     #: SavedModel is, so its workers share one).
     replicas: list[Backend] = field(default_factory=list)
@@ -105,8 +107,8 @@ def runtime_versions(fmt: str) -> dict[str, str]:
 
 
 def _warm_up(backend: Backend, size: int, num_labels: int, max_batch: int, path: Path) -> None:
-    """Every batch size the batcher can form, so no request pays for a first-use allocation."""
-    for batch in range(min(max_batch, 16), 0, -1):
+    """Every batch size a backend keeps, so no request pays for a first-use allocation."""
+    for batch in reversed(allowed_batch_sizes(max_batch)):
         probabilities = backend.predict(np.zeros((batch, size, size, 3), dtype=np.uint8))
         if probabilities.shape != (batch, num_labels) or not np.isfinite(probabilities).all():
             raise ArtifactError(f"{path}: warm-up batch of {batch} gave {probabilities.shape}")
@@ -115,22 +117,27 @@ def _warm_up(backend: Backend, size: int, num_labels: int, max_batch: int, path:
 def load_service(settings: Settings) -> Service:
     """Verify the model directory, open the backend, check shapes, warm up. Blocking."""
     model_dir = Path(settings.model_dir)
-    card = load_model_card(model_dir, verify=True)
+    card = read_card(model_dir)  # refuses a preprocessing rule or input spec it cannot apply
     artifact = card.artifact(settings.model_format, settings.artifact)
+    missing = verify_for_serving(model_dir, card, artifact)
+    if missing:
+        logger.info("model.json also lists %s, not present here (not needed)", ", ".join(missing))
     if card.input.height != card.input.width:
         raise ArtifactError(
             f"{model_dir / 'model.json'}: input {card.input.height}x{card.input.width} "
             "is not square; the serving resize rule needs a square input"
         )
     path = model_dir / artifact.file
-    backend = open_backend(settings.model_format, path, settings.inference_threads)
+    max_batch = settings.max_batch_size
+    backend = open_backend(settings.model_format, path, settings.inference_threads, max_batch)
     check_shapes(backend, card.input.height, card.input.width, len(card.labels), path)
     extra = settings.inference_workers - 1
     if settings.model_format == "savedmodel":
         replicas = [backend] * (extra + 1)  # TensorFlow runs concurrent calls on one model
     else:
         replicas = [backend] + [
-            open_backend("tflite", path, settings.inference_threads) for _ in range(extra)
+            open_backend("tflite", path, settings.inference_threads, max_batch)
+            for _ in range(extra)
         ]
     for replica in dict.fromkeys(replicas):  # each distinct backend once
         _warm_up(replica, card.input.height, len(card.labels), settings.max_batch_size, path)
@@ -143,7 +150,7 @@ def load_service(settings: Settings) -> Service:
             logger.warning("a lone request stays on one core: %s", exc)
     if activity is not None:
         try:
-            wide = open_backend("tflite", path, settings.idle_inference_threads)
+            wide = open_backend("tflite", path, settings.idle_inference_threads, WIDE_MAX_BATCH)
             wide_batch = min(WIDE_MAX_BATCH, settings.max_batch_size)
             _warm_up(wide, card.input.height, len(card.labels), wide_batch, path)
         except Exception:
@@ -158,6 +165,7 @@ def load_service(settings: Settings) -> Service:
         artifact_path=path,
         backend=backend,
         runtime=runtime_versions(settings.model_format),
+        missing_artifacts=missing,
         replicas=replicas,
         slots=slots,
         wide=wide,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import load_model_card
-from app.backends import open_backend
 from bench.inference import DEFAULT_PHOTOS, load_photos
+from contract.card import load_model_card
+from contract.runtime import open_backend
 
 
 def recommended_batch(rates: dict[int, float], tolerance: float) -> int:

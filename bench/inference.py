@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import load_model_card
-from app.backends import open_backend
-from app.imaging import preprocess_file
+from contract.card import load_model_card
+from contract.preprocess import preprocess_file
+from contract.runtime import open_backend
 
 DEFAULT_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared/datasets/flower_photos"
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import load_model_card
-from app.backends import open_backend
-from app.imaging import preprocess_bytes
 from bench.p99_ab import post, servers_side_by_side
 from bench.serve import DEFAULT_PHOTOS, MODES, ROOT, photo_files
+from contract.card import load_model_card
+from contract.preprocess import preprocess_bytes
+from contract.runtime import open_backend
 
 SIDES = ("2proc", "2proc-wide")
 

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import load_model_card
-from app.backends import open_backend
-from app.imaging import preprocess_bytes
+from contract.card import load_model_card
+from contract.preprocess import preprocess_bytes
+from contract.runtime import open_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = ROOT.parent / "shared/datasets/flower_photos"

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from app.artifacts import ArtifactError, load_model_card, read_card
-from app.backends import SavedModelBackend, TFLiteBackend
-from app.imaging import RESIZE_RULE, preprocess_file
+from contract.card import ArtifactError, load_model_card, read_card
+from contract.preprocess import DEFAULT_PREPROCESSING, preprocess_file
+from contract.runtime import SavedModelBackend, TFLiteBackend
 from training.export import choose_default_tflite
 from training.export import main as export_main
 
@@ -25,7 +25,9 @@ def test_model_json_describes_everything_the_server_needs(tiny_model_dir):
     card = load_model_card(tiny_model_dir)  # verifies every hash
     assert card.labels == ["blue", "green", "red"]
     assert (card.input.height, card.input.width) == (64, 64)
-    assert card.preprocessing == RESIZE_RULE
+    assert card.preprocessing == DEFAULT_PREPROCESSING
+    assert card.evaluated_on.photos == "validation_split"
+    assert card.split.validation_images == card.evaluated_on.images == 15
     assert card.variant == "xxs" and card.parameters > 0
     files = {a.file: a for a in card.artifacts}
     assert set(files) == {"saved_model", "model.tflite", "model_int8.tflite"}

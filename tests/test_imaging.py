@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app.imaging import (
+from contract.preprocess import (
     DecodeLimits,
     ImageError,
     ImageTooLarge,

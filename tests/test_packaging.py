@@ -100,10 +100,12 @@ def _metric(text: str, line_start: str) -> float:
 
 
 def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
-    """WORKDIR /srv holds app/ and models/; run CMD with the image's ENV (port and metrics dir
+    """WORKDIR /srv holds app/, contract/ and models/ (the image's COPY lines); run CMD with the image's ENV (port and metrics dir
     swapped): its uvicorn processes all answer, and /metrics counts the requests of all of them."""
     srv = tmp_path / "srv"
-    shutil.copytree(ROOT / "app", srv / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("app", "contract"):
+        assert f"COPY {package}/ {package}/" in (ROOT / "Dockerfile").read_text()
+        shutil.copytree(ROOT / package, srv / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_model_dir, srv / "models" / "tiny")
     port = free_port()
     cmd = [str(Path(sys.executable).parent / image_cmd()[0]), *image_cmd()[1:]]

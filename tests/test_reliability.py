@@ -32,8 +32,8 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from pydantic import SecretStr
 
-from app.artifacts import sha256_path
 from app.main import create_app
+from contract.card import sha256_path
 from tests.serving_helpers import (
     LABELS,
     SOLID,

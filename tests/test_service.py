@@ -21,14 +21,14 @@ import httpx
 import numpy as np
 import pytest
 
-from app.artifacts import ArtifactError
 from app.decoding import Decoder
 from app.errors import ApiError
-from app.imaging import preprocess_file
 from app.main import create_app
 from app.predict import PredictResponse
 from app.routes import RequestDeadline
 from app.settings import DEFAULT_MODEL_DIR, Settings
+from contract.card import ArtifactError
+from contract.preprocess import preprocess_file
 from tests.serving_helpers import (
     LABELS,
     Lifespan,

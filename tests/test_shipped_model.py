@@ -1,7 +1,7 @@
 """The shipped model directory, served as users get it: it loads (hashes, shapes, warm-up), and
 over HTTP it scores on its validation photos exactly the top-1 its model.json records.
 
-The validation photos are remade from the recipe in model.json, from
+The validation photos are those its split.json records (hash-checked), from
 ../shared/datasets/flower_photos (present where the project is developed and in CI); without
 them these tests skip. The float32 TFLite artifact, the default, runs in the fast suite; the
 SavedModel and the other TFLite variants run with `-m slow`.
@@ -19,7 +19,7 @@ import pytest
 
 from app.settings import DEFAULT_MODEL_DIR
 from tests.serving_helpers import make_settings, serve
-from training.data import recorded_split, scan_folder
+from training.data import read_split_file, split_file_of
 
 pytestmark = pytest.mark.anyio
 
@@ -32,9 +32,8 @@ FILES_PER_REQUEST = 16  # the default MAX_FILES
 def validation_photos() -> list[tuple[Path, str]]:
     if not PHOTOS.is_dir():
         pytest.skip(f"{PHOTOS} is not here")
-    paths, labels, class_names = scan_folder(PHOTOS)
-    _, val = recorded_split(DEFAULT_MODEL_DIR, paths, np.asarray(labels), class_names)
-    return [(PHOTOS / paths[i], class_names[labels[i]]) for i in val]
+    val = read_split_file(split_file_of(DEFAULT_MODEL_DIR))["val"]
+    return [(PHOTOS / rel, Path(rel).parts[0]) for rel in val]
 
 
 async def served_labels(client: httpx.AsyncClient, photos: list[Path]) -> list[str]:
@@ -56,7 +55,7 @@ async def served_labels(client: httpx.AsyncClient, photos: list[Path]) -> list[s
 
 def recorded_top1(artifact_file: str) -> float:
     (row,) = [a for a in CARD["artifacts"] if a["file"] == artifact_file]
-    return row["validation_top1"]
+    return row["top1"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +71,12 @@ def recorded_top1(artifact_file: str) -> float:
     ],
 )
 async def test_the_shipped_model_scores_what_its_card_records(validation_photos, fmt, artifact):
-    assert len(validation_photos) == CARD["training"]["val_images"]
+    assert CARD["evaluated_on"]["photos"] == "validation_split"
+    assert (
+        len(validation_photos)
+        == CARD["training"]["val_images"]
+        == CARD["split"]["validation_images"]
+    )
     settings = make_settings(DEFAULT_MODEL_DIR, fmt, artifact=artifact)
     async with serve(settings) as served:
         info = (await served.client.get("/model-info")).json()

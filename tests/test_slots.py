@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from app.backends import TFLiteBackend
 from app.slots import WIDE_MAX_BATCH, HostActivity, Slots, open_slots
+from contract.runtime import TFLiteBackend
 from tests.serving_helpers import REPO, image_bytes, make_settings, serve
 
 pytest_plugins = ["tests.serving_fixtures"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from app.imaging import preprocess_bytes
+from contract.preprocess import preprocess_bytes
 from tests.serving_helpers import LABELS, app_status, assert_error, image_bytes, wrap_replicas
 
 pytest_plugins = ["tests.serving_fixtures"]

@@ -1,7 +1,9 @@
 """Photos in, batches out: folder scanning, a seeded stratified split, augmentation, batching.
 
-Images are decoded once with the serving decoder (`app.imaging.load_rgb`) and kept in memory; the
-evaluation transform is `app.imaging.resize_for_model`, exactly what the service applies.
+Images are decoded once with the serving decoder (`contract.preprocess`), brought down to a bound
+tied to the training size, and kept in memory; the evaluation transform is
+`contract.preprocess.resize_for_model`, exactly what the service applies. The train/validation
+split is written once (split.json) and read back, never re-derived.
 The pipeline is numpy + Pillow inside a `keras.utils.PyDataset`, so it runs under any backend.
 """
 
@@ -20,7 +22,8 @@ import keras
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from app.imaging import ImageError, load_rgb, resize_for_model
+from contract.card import ArtifactError, load_model_card, verify_split
+from contract.preprocess import ImageError, load_bounded, load_rgb, resize_for_model
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +74,18 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     return paths, labels, [d.name for d in class_dirs]
 
 
-def load_folder(root: str | os.PathLike, workers: int = 4) -> Dataset:
-    """Decode every photo of a class-per-folder tree; unreadable files are skipped, warned."""
+def load_folder(root: str | os.PathLike, keep_side: int | None = None, workers: int = 4) -> Dataset:
+    """Decode every photo of a class-per-folder tree; unreadable files are skipped, warned.
+
+    With `keep_side`, each photo is kept with its shorter side at most that many pixels (JPEG
+    draft, then a downscale), so 1,000 12-megapixel photos take hundreds of MB, not 36 GB.
+    """
     paths, labels, class_names = scan_folder(root)
 
     def decode(rel: str) -> Image.Image | None:
         try:
-            return load_rgb(Path(root, rel).read_bytes())
+            data = Path(root, rel).read_bytes()
+            return load_bounded(data, keep_side) if keep_side else load_rgb(data)
         except (ImageError, OSError) as exc:
             log.warning("skipping %s: %s", Path(root, rel), exc)
             return None
@@ -142,41 +150,47 @@ def write_split(path: str | os.PathLike, dataset: Dataset, train_idx, val_idx, s
     Path(path).write_text(json.dumps(split, indent=1))
 
 
+def read_split_file(path: str | os.PathLike) -> dict:
+    """A split written by `write_split`: root, seed, class_names, train and val paths."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the split {path}: {exc}") from None
+    if not isinstance(split, dict) or not {"class_names", "train", "val"} <= set(split):
+        raise DataError(f"{path} is not a split file (class_names, train, val)")
+    return split
+
+
 def read_split(path: str | os.PathLike, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Indices into `paths` of a split written by `write_split`; photos missing now are dropped."""
-    split = json.loads(Path(path).read_text())
+    split = read_split_file(path)
     index = {p: i for i, p in enumerate(paths)}
     train = np.asarray([index[p] for p in split["train"] if p in index], dtype=np.int64)
     val = np.asarray([index[p] for p in split["val"] if p in index], dtype=np.int64)
     return train, val
 
 
-def recorded_split(
-    source: Path, paths: Sequence[str], labels: np.ndarray, class_names: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (train, validation) indices into `paths` that `source` was trained on.
-
-    `source` is an exported model directory (the split is remade from the seed and validation
-    fraction of its recipe, taking the first run of its lineage, whose split later runs
-    inherit), a run directory, or a `.keras` file in one (the run's split.json).
-    """
+def split_file_of(source: Path) -> Path:
+    """The split a model was trained on: an exported model directory's recorded split.json
+    (hash-checked), a run directory's split.json, or that of the run a `.keras` file is in."""
     if (source / "model.json").is_file():
-        card = json.loads((source / "model.json").read_text())
-        training = card.get("training") or {}
-        recipes = [training.get("recipe")] + [r.get("recipe") for r in
-                                              training.get("initialised_from", [])]  # fmt: skip
-        recipe = next((r for r in reversed(recipes) if r and "seed" in r), {})
-        if card.get("labels") != class_names:
-            raise DataError(f"{source}: its labels {card.get('labels')} are not these photos' "
-                            f"classes {class_names}")  # fmt: skip
-        if not recipe:
-            raise DataError(f"{source}: model.json records no training recipe, so its split "
-                            "cannot be remade")  # fmt: skip
-        return stratified_split(np.asarray(labels), recipe["val_fraction"], recipe["seed"])
+        try:
+            card = load_model_card(source, verify=False)
+            if card.split is None:
+                raise DataError(f"{source}/model.json records no split, so the photos it was "
+                                "trained on are unknown")  # fmt: skip
+            return verify_split(source, card.split)
+        except ArtifactError as exc:
+            raise DataError(str(exc)) from None
     split = source / "split.json" if source.is_dir() else source.parent / "split.json"
     if not split.is_file():
         raise DataError(f"{split} is missing, so the photos {source} was trained on are unknown")
-    return read_split(split, paths)
+    return split
+
+
+def recorded_split(source: Path, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, validation) indices into `paths` that `source` was trained on."""
+    return read_split(split_file_of(source), paths)
 
 
 @dataclass(frozen=True)

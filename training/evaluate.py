@@ -5,9 +5,10 @@
     python -m training.evaluate models/flowers-mobilevit-xxs ../photos --split validation
 
 With `--split validation`, only the photos the model was validated on (never trained on) are
-scored: the split recorded by its run (split.json) or remade from its model.json recipe.
+scored: the split its model directory records (split.json, hash-checked) or its run's split.json.
 
-Photos go through the serving preprocessing (`app.imaging.preprocess_file`). Prints top-1,
+Photos go through the serving preprocessing (`contract.preprocess`, with the model card's rule
+for a model directory). Prints top-1,
 per-class precision/recall and the confusion matrix; writes evaluation.json and confusion.png.
 """
 
@@ -24,23 +25,27 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from app.imaging import ImageError, preprocess_file
-from training.data import DataError, recorded_split, scan_folder
+from contract.card import ArtifactError, read_card, verify_for_serving
+from contract.preprocess import DEFAULT_PREPROCESSING, ImageError, preprocess_file
+from contract.runtime import open_backend
+from training.data import DataError, read_split_file, scan_folder, split_file_of
 from training.report import classification_metrics, format_metrics, plot_confusion
 
 log = logging.getLogger("training.evaluate")
 
 
 def load_predictor(source: Path, fmt: str, artifact: str | None):
-    """(predict function, labels, input size) for a run dir, a .keras file or a model dir."""
+    """(predict function, labels, input size, preprocessing) for a run dir, a .keras file or a
+    model dir."""
     if (source / "model.json").is_file():
-        from app.artifacts import load_model_card
-        from app.backends import open_backend
-
-        card = load_model_card(source)
-        chosen = card.artifact("tflite" if fmt == "keras" else fmt, artifact)
-        backend = open_backend(chosen.format, source / chosen.file)
-        return backend.predict, card.labels, card.input.height
+        try:
+            card = read_card(source)
+            chosen = card.artifact("tflite" if fmt == "keras" else fmt, artifact)
+            verify_for_serving(source, card, chosen)
+            backend = open_backend(chosen.format, source / chosen.file)
+        except ArtifactError as exc:
+            raise DataError(str(exc)) from None
+        return backend.predict, card.labels, card.input.height, card.preprocessing
     import keras
 
     model_file = source
@@ -57,26 +62,37 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
             break
     if labels is None:
         raise DataError(f"cannot tell {model_file}'s class names: no split.json next to it")
-    return (lambda x: model.predict_on_batch(x.astype(np.float32))), labels, model.input_shape[1]
+    predict = lambda x: model.predict_on_batch(x.astype(np.float32))  # noqa: E731
+    return predict, labels, model.input_shape[1], DEFAULT_PREPROCESSING
+
+
+def labelled_photos(source: Path, data_dir: Path, split: str) -> list[tuple[str, str]]:
+    """(relative path, class name) of the photos to score: every photo under `data_dir`, or
+    exactly the validation photos `source`'s recorded split lists (all must be present)."""
+    if split == "validation":
+        recorded = read_split_file(split_file_of(source))["val"]
+        missing = [rel for rel in recorded if not (data_dir / rel).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(recorded)} recorded validation photos "
+                            f"are not under {data_dir}, e.g. {missing[0]}")  # fmt: skip
+        log.info("%d validation photos of %s's recorded split", len(recorded), source)
+        return [(rel, Path(rel).parts[0]) for rel in recorded]
+    paths, folder_labels, class_names = scan_folder(data_dir)
+    return [(rel, class_names[label]) for rel, label in zip(paths, folder_labels, strict=True)]
 
 
 def evaluate(source: Path, data_dir: Path, fmt: str = "keras", artifact: str | None = None,
              batch_size: int = 32, split: str = "all") -> dict:  # fmt: skip
-    predict, labels, size = load_predictor(source, fmt, artifact)
-    paths, folder_labels, class_names = scan_folder(data_dir)
-    if split == "validation":
-        _, val = recorded_split(source, paths, np.asarray(folder_labels), class_names)
-        paths, folder_labels = [paths[i] for i in val], [folder_labels[i] for i in val]
-        log.info("%d validation photos of %s's recorded split", len(paths), source)
-    unknown = sorted(set(class_names) - set(labels))
+    predict, labels, size, spec = load_predictor(source, fmt, artifact)
+    photos = labelled_photos(source, data_dir, split)
+    unknown = sorted({name for _, name in photos} - set(labels))
     if unknown:
         raise DataError(f"class folders {unknown} are not among the model's labels {labels}")
-    to_model = [labels.index(name) for name in class_names]
     images, truth = [], []
-    for rel, label in zip(paths, folder_labels, strict=False):
+    for rel, name in photos:
         try:
-            images.append(preprocess_file(str(data_dir / rel), size))
-            truth.append(to_model[label])
+            images.append(preprocess_file(data_dir / rel, size, spec))
+            truth.append(labels.index(name))
         except (ImageError, OSError) as exc:
             log.warning("skipping %s: %s", data_dir / rel, exc)
     if not images:

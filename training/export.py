@@ -2,9 +2,17 @@
 
     python -m training.export runs/flowers --out models/flowers-mobilevit-xxs
 
+    python -m training.export some.keras --data photos/ --out models/mine
+
 Writes saved_model/ (Keras `model.export`), model.tflite (float32), model_fp16.tflite,
-model_dynamic.tflite (dynamic-range) and model_int8.tflite (full integer, uint8 input), and
-model.json. Everything is written to a temporary folder and renamed at the end.
+model_dynamic.tflite (dynamic-range) and model_int8.tflite (full integer, uint8 input),
+split.json (the run's train/validation photos) and model.json. Everything is written to a
+temporary folder and renamed at the end.
+
+Parity and top-1 are measured on the run's validation photos (under `--data` if given, else the
+run's data folder). A bare `.keras` file has no recorded split: with `--data`, every photo of
+that folder is scored, and model.json says so (`evaluated_on.photos: all_photos`), since those
+may include training photos.
 """
 
 from __future__ import annotations
@@ -27,9 +35,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from app.artifacts import ModelCard, describe_artifact, size_of, write_card
-from app.backends import SavedModelBackend, TFLiteBackend, check_shapes
-from app.imaging import RESIZE_RULE, preprocess_file
+from contract.card import (
+    SPLIT_FILE,
+    Evaluation,
+    ModelCard,
+    SplitRecord,
+    describe_artifact,
+    sha256_path,
+    size_of,
+    write_card,
+)
+from contract.preprocess import DEFAULT_PREPROCESSING, ImageError, preprocess_file
+from contract.runtime import SavedModelBackend, TFLiteBackend, check_shapes
 
 log = logging.getLogger("training.export")
 
@@ -56,6 +73,7 @@ class Photos:
 
     images: np.ndarray
     labels: np.ndarray | None = None
+    files: list[str] | None = None
 
 
 def convert_tflite(saved_model_dir: Path, quantization: str, calibration: np.ndarray) -> bytes:
@@ -135,7 +153,7 @@ def _score(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
         "agreement_with_keras": float(np.mean(probs.argmax(1) == reference.argmax(1))),
     }
     if labels is not None:
-        result["validation_top1"] = float(np.mean(probs.argmax(1) == labels))
+        result["top1"] = float(np.mean(probs.argmax(1) == labels))
     return result
 
 
@@ -152,6 +170,8 @@ def export_model(
     quantizations: tuple[str, ...] = tuple(TFLITE_VARIANTS),
     training_info: dict | None = None,
     metrics: dict | None = None,
+    split: dict | None = None,
+    evaluated_on: Evaluation | None = None,
     overwrite: bool = False,
     threads: int = 1,
 ) -> tuple[ModelCard, list[dict]]:
@@ -179,11 +199,20 @@ def export_model(
             row["img_per_s_1_thread"] = {"batch_1": batch_1, "batch_8": batch_8}
         keras_row = rows[0]
         metrics = dict(metrics or {})
-        if metrics.get("validation_top1") != keras_row.get("validation_top1"):
+        if split is not None and metrics.get("validation_top1") != keras_row.get("top1"):
             # Measured now, at the export size, through the serving preprocessing; the
             # training report's figure (possibly at another size) stays beside it.
             metrics["validation_top1_in_training_report"] = metrics.get("validation_top1")
-            metrics["validation_top1"] = keras_row.get("validation_top1")
+            metrics["validation_top1"] = keras_row.get("top1")
+        split_record = None
+        if split is not None:
+            (tmp / SPLIT_FILE).write_text(json.dumps(split, indent=1) + "\n")
+            split_record = SplitRecord(
+                sha256=sha256_path(tmp / SPLIT_FILE),
+                data=str(split.get("root", "")),
+                train_images=len(split["train"]),
+                validation_images=len(split["val"]),
+            )
         card = ModelCard(
             name=name,
             version=version,
@@ -191,9 +220,11 @@ def export_model(
             parameters=int(model.count_params()),
             labels=list(labels),
             input={"height": int(height), "width": int(width)},
-            preprocessing=dict(RESIZE_RULE),
+            preprocessing=DEFAULT_PREPROCESSING,
             training=training_info or {},
             metrics={**metrics, "artifacts": {r["file"]: _public(r) for r in rows}},
+            split=split_record,
+            evaluated_on=evaluated_on,
             artifacts=artifacts,
             default_artifacts={
                 "tflite": default_tflite,
@@ -254,11 +285,7 @@ def _write_artifacts(model, tmp, calibration, validation, quantizations, threads
         )
 
     for row in rows[1:]:
-        extra = {
-            k: row[k]
-            for k in ("validation_top1", "agreement_with_keras", "max_abs_diff")
-            if k in row
-        }
+        extra = {k: row[k] for k in ("top1", "agreement_with_keras", "max_abs_diff") if k in row}
         artifacts.append(
             describe_artifact(tmp, row["file"], row["format"], row["quantization"], **extra)
         )
@@ -279,7 +306,7 @@ def _evaluate(file, fmt, quantization, backend, images, reference, labels, tmp) 
         row["parity_ok"] = row["max_abs_diff"] <= FLOAT_TOLERANCE
     else:
         keras_top1 = float(np.mean(reference.argmax(1) == labels)) if labels is not None else None
-        loss_ok = keras_top1 is None or keras_top1 - row["validation_top1"] <= MAX_ACCURACY_LOSS
+        loss_ok = keras_top1 is None or keras_top1 - row["top1"] <= MAX_ACCURACY_LOSS
         row["parity_ok"] = bool(row["agreement_with_keras"] >= MIN_AGREEMENT and loss_ok)
     return row
 
@@ -297,12 +324,12 @@ def _versions() -> dict[str, str]:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'artifact':<22}{'quant':<15}{'size MB':>9}{'val top-1':>11}{'agree':>8}"
+        f"{'artifact':<22}{'quant':<15}{'size MB':>9}{'top-1':>11}{'agree':>8}"
         f"{'max|dp|':>10}{'ms/img':>8}  parity"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        top1 = f"{r['validation_top1']:.2%}" if "validation_top1" in r else "-"
+        top1 = f"{r['top1']:.2%}" if "top1" in r else "-"
         lines.append(
             f"{r['file']:<22}{r['quantization']:<15}{r['bytes'] / 1e6:>9.2f}{top1:>11}"
             f"{r['agreement_with_keras']:>8.2%}{r['max_abs_diff']:>10.2e}{r['latency_ms']:>8.2f}"
@@ -382,8 +409,31 @@ def resize_model(model: keras.Model, image_size: int, variant: str) -> keras.Mod
 
 
 def _photos(root: Path, files: list[str], labels: list[int] | None, size: int) -> Photos:
-    images = np.stack([preprocess_file(str(root / f), size) for f in files])
-    return Photos(images, None if labels is None else np.asarray(labels))
+    images = np.stack([preprocess_file(root / f, size) for f in files])
+    return Photos(images, None if labels is None else np.asarray(labels), list(files))
+
+
+def decodable(root: Path, files: list[str]) -> list[str]:
+    """The files that decode as images (a stray notes.txt in a class folder is skipped)."""
+    kept = []
+    for rel in files:
+        try:
+            preprocess_file(root / rel, 32)
+            kept.append(rel)
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s: %s", root / rel, exc)
+    return kept
+
+
+def labels_of(files: list[str], labels: list[str], root: Path) -> list[int]:
+    """Each photo's label index from its class folder; a folder that is not a label is an
+    error naming it."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({Path(f).parts[0] for f in files} - set(index))
+    if unknown:
+        raise ExportError(f"class folders {unknown} under {root} are not among the model's "
+                          f"labels {labels}")  # fmt: skip
+    return [index[Path(f).parts[0]] for f in files]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
+    from training.data import DataError, read_split_file, scan_folder
+
     quantizations = tuple(q for q in args.quantizations.split(",") if q)
     unknown = set(quantizations) - set(TFLITE_VARIANTS)
     if unknown or "float32" not in quantizations:
@@ -431,40 +483,57 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         raise ExportError(f"{model_file} is not a loadable Keras model: {exc}") from None
     report = json.loads((run_dir / "report.json").read_text()) if run_dir else {}
     variant = report.get("variant", model.name.removeprefix("mobilevit_"))
-    split = json.loads((run_dir / "split.json").read_text()) if run_dir else None
+    split = None
+    if run_dir and (run_dir / "split.json").is_file():
+        try:
+            split = read_split_file(run_dir / "split.json")
+        except DataError as exc:
+            raise ExportError(str(exc)) from None
+    root = Path(args.data or (split or {}).get("root", ""))
+    if not (args.data or split) or not root.is_dir():
+        raise ExportError(
+            f"{args.model} has no recorded split (split.json beside it); pass --data with one "
+            "folder of photos per class"
+            if not (args.data or split)
+            else f"data folder not found: {root}; pass --data"
+        )
+    if split:
+        labels = split["class_names"]
+        train_files, val_files = split["train"], split["val"]
+        missing = [f for f in val_files if not (root / f).is_file()]
+        if missing:
+            raise ExportError(f"{len(missing)} validation photos of the run are not under "
+                              f"{root}, e.g. {missing[0]}")  # fmt: skip
+    else:
+        try:
+            files, _, labels = scan_folder(root)
+        except DataError as exc:
+            raise ExportError(str(exc)) from None
+        train_files = val_files = decodable(root, files)
+    if len(labels) != model.output_shape[-1]:
+        raise ExportError(f"{root} has {len(labels)} class folders {labels}; the model has "
+                          f"{model.output_shape[-1]} outputs")  # fmt: skip
+    val_labels = labels_of(val_files, labels, root)
     if args.image_size and args.image_size != model.input_shape[1]:
         model = resize_model(model, args.image_size, variant)
-        if split:
-            # Statistics seen at the training size do not hold at another: re-estimate them
-            # on training photos at the export size (FixRes-style test-resolution fix).
-            from training.train import recalibrate_batchnorm
+        # Statistics seen at the training size do not hold at another: re-estimate them
+        # on training photos at the export size (FixRes-style test-resolution fix).
+        from training.train import recalibrate_batchnorm
 
-            root = Path(split["root"])
-            rng = np.random.default_rng(1)
-            files = rng.permutation(split["train"])[:1280]
-            recalibrate_batchnorm(model, _photos(root, list(files), None, args.image_size).images)
+        files = np.random.default_rng(1).permutation(train_files)[:1280]
+        recalibrate_batchnorm(model, _photos(root, list(files), None, args.image_size).images)
     size = model.input_shape[1]
-    labels = (split or report).get("class_names")
-    root = Path(args.data or (split or {}).get("root", ""))
-    if not labels or not root.is_dir():
-        raise ExportError("need the run's split.json or --data with one folder per class")
-    if split and not args.data:
-        val_files = split["val"]
-        train_files = split["train"]
-    else:
-        from training.data import scan_folder
-
-        train_files, _, _ = scan_folder(root)
-        val_files = train_files
-    index = {name: i for i, name in enumerate(labels)}
-    val_labels = [index[Path(f).parts[0]] for f in val_files]
     rng = np.random.default_rng(0)
     calib_files = list(
         rng.choice(train_files, min(args.calibration_images, len(train_files)), replace=False)
     )
+    evaluated_on = Evaluation(
+        photos="validation_split" if split else "all_photos", data=str(root), images=len(val_files)
+    )
     log.info(
-        "parity on %d validation photos, calibration on %d training photos at %d px",
+        "parity on %d %s, calibration on %d training photos at %d px",
         len(val_files),
+        "validation photos" if split else f"photos of {root} (no split: may include training ones)",
         len(calib_files),
         size,
     )
@@ -477,14 +546,14 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         "trained_image_size": report.get("image_size"),
         "wall_time_s": report.get("wall_time_s"),
         "recipe": report.get("recipe"),
-    }
+    } if report else {}  # fmt: skip
     lineage = earlier_runs(report)
     if lineage:
         training_info["initialised_from"] = lineage
     metrics = {
         "validation_top1": report.get("validation", {}).get("top1"),
         "validation": report.get("validation"),
-    }
+    } if report else {}  # fmt: skip
     return export_model(
         model,
         args.out,
@@ -497,6 +566,8 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         quantizations=quantizations,
         training_info=training_info,
         metrics=metrics,
+        split=split,
+        evaluated_on=evaluated_on,
         overwrite=args.overwrite,
     )
 

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
+from contract.preprocess import preprocess_file
 from training.data import (
     Augment,
     DataError,
@@ -36,7 +37,9 @@ from training.data import (
     load_folder,
     load_tfds,
     read_split,
+    read_split_file,
     recorded_split,
+    split_file_of,
     stratified_split,
     write_split,
 )
@@ -115,8 +118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: Photos are kept in memory with their shorter side at most this many times the training size:
+#: random-resized crops of a quarter of the area still get full resolution.
+KEEP_SIDE_FACTOR = 2
+
+
 def load_dataset(cfg: dict, limit_per_class: int = 0) -> Dataset:
-    dataset = load_tfds(cfg["tfds"]) if cfg.get("tfds") else load_folder(cfg["data"])
+    if cfg.get("tfds"):
+        dataset = load_tfds(cfg["tfds"])
+    else:
+        dataset = load_folder(cfg["data"], KEEP_SIDE_FACTOR * cfg["image_size"])
     if limit_per_class:
         keep = np.concatenate(
             [
@@ -205,13 +216,29 @@ class _Prefetch:
             yield item
 
 
-def _swap_ema(model: keras.Model) -> None:
-    """Exchange the model's trainable weights with the optimizer's moving averages."""
-    averages = model.optimizer._model_variables_moving_average
-    for variable, average in zip(model.trainable_variables, averages, strict=True):
-        current = variable.numpy()
-        variable.assign(average.numpy())
-        average.assign(current)
+def compile_model(model: keras.Model, cfg: dict, optimizer: keras.optimizers.Optimizer) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
+        metrics=["accuracy"],
+        jit_compile="auto" if cfg.get("jit_compile", True) else False,
+    )
+
+
+def replan_optimizer(model: keras.Model, cfg: dict, steps_per_epoch: int) -> None:
+    """Give a resumed model an optimizer with the schedule for `cfg["epochs"]`, carrying over
+    every variable of the saved one (step count, moments, EMA), so the warm-up + cosine curve
+    continues where it stopped. Keras refuses to set a schedule on a built optimizer, so a new
+    one is built and its variables assigned."""
+    saved = model.optimizer
+    optimizer = make_optimizer(cfg, steps_per_epoch)
+    optimizer.build(model.trainable_variables)
+    if len(optimizer.variables) != len(saved.variables):
+        raise DataError(f"cannot resume: the saved optimizer has {len(saved.variables)} "
+                        f"variables, a new one {len(optimizer.variables)}")  # fmt: skip
+    for new, old in zip(optimizer.variables, saved.variables, strict=True):
+        new.assign(old)
+    compile_model(model, cfg, optimizer)
 
 
 def fit_epochs(model, batches, validation, run_dir: Path, initial_epoch: int, epochs: int,
@@ -284,8 +311,8 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
 def finalize(run_dir: Path, train_set: Dataset, cfg: dict, max_images: int = 1280) -> Path:
     """final.keras: the last weights (their EMA when enabled) with recalibrated BatchNorm."""
     model = keras.models.load_model(run_dir / "last.keras")
-    if cfg["ema"]:
-        _swap_ema(model)
+    if cfg["ema"]:  # the moving averages replace the weights
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     order = np.random.default_rng(cfg["seed"]).permutation(len(train_set.labels))[:max_images]
     recalibrate_batchnorm(model, eval_arrays(train_set.subset(order), cfg["image_size"]))
     model.save(run_dir / "final.keras")
@@ -302,8 +329,6 @@ def read_log(run_dir: Path) -> list[dict]:
 
 def predict_dataset(model: keras.Model, dataset: Dataset, image_size: int) -> np.ndarray:
     """Probabilities for a dataset under the serving transform (files decoded as served)."""
-    from app.imaging import preprocess_file
-
     if Path(dataset.root).is_dir():
         x = np.stack(
             [preprocess_file(str(Path(dataset.root, p)), image_size) for p in dataset.paths]
@@ -379,9 +404,12 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)
     elif cfg.get("init_from"):
-        train_idx, val_idx = recorded_split(
-            Path(cfg["init_from"]), dataset.paths, dataset.labels, dataset.class_names
-        )
+        source = Path(cfg["init_from"])
+        source_classes = read_split_file(split_file_of(source))["class_names"]
+        if source_classes != dataset.class_names:
+            raise DataError(f"{source} was trained on classes {source_classes}, not these "
+                            f"photos' {dataset.class_names}")  # fmt: skip
+        train_idx, val_idx = recorded_split(source, dataset.paths)
         write_split(run_dir / "split.json", dataset, train_idx, val_idx, cfg["seed"])
     else:
         train_idx, val_idx = stratified_split(dataset.labels, cfg["val_fraction"], cfg["seed"])
@@ -396,25 +424,21 @@ def train(args: argparse.Namespace) -> dict:
         len(val_idx),
     )
 
+    rows = read_log(run_dir)
+    initial_epoch = len(rows) if args.resume else 0
     batches = PhotoBatches(
         train_set,
         cfg["batch_size"],
         Augment(cfg["image_size"], cfg["min_scale"], color_jitter=cfg["color_jitter"]),
         seed=cfg["seed"],
+        epoch=initial_epoch,
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
 
-    rows = read_log(run_dir)
-    initial_epoch = len(rows) if args.resume else 0
     if args.resume:
         model = keras.models.load_model(run_dir / "last.keras")
-        # The schedule is a function of the optimizer's step count: rebuilding it for the
-        # (possibly changed) epoch total continues the same warm-up + cosine curve.
-        # Keras refuses to *set* a schedule through the public property; the attribute holds it.
-        model.optimizer._learning_rate = make_optimizer(cfg, len(batches))._learning_rate
-        batches.epoch = initial_epoch
-        batches._order = batches._shuffled()
+        replan_optimizer(model, cfg, len(batches))
         log.info("resuming at epoch %d of %d", initial_epoch + 1, cfg["epochs"])
     else:
         model = build_model(
@@ -424,12 +448,7 @@ def train(args: argparse.Namespace) -> dict:
             # MobileViT has no positional embeddings: the weights fit any input size.
             set_weights_by_path(model, source_weights(Path(cfg["init_from"])), cfg["init_from"])
             log.info("initialised from %s", cfg["init_from"])
-        model.compile(
-            optimizer=make_optimizer(cfg, len(batches)),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
-            metrics=["accuracy"],
-            jit_compile="auto" if cfg.get("jit_compile", True) else False,
-        )
+        compile_model(model, cfg, make_optimizer(cfg, len(batches)))
     model.run_eagerly = bool(cfg.get("run_eagerly"))
     started = time.perf_counter()
     fit_epochs(model, batches, (x_val, y_val), run_dir, initial_epoch, cfg["epochs"],

@@ -1,8 +1,11 @@
-"""The model directory contract: `model.json` next to `saved_model/` and `*.tflite` files.
+"""The model card: `model.json` next to `saved_model/`, `*.tflite` files and `split.json`.
 
-`training.export` writes it; the service reads it with `load_model_card`, which refuses a directory
-whose files are missing, altered (SHA-256) or inconsistent, with a message naming the file.
-Pure pydantic + hashlib: nothing here imports TensorFlow.
+`training.export` writes it (`write_card`); the service and `training.evaluate` read it
+(`read_card`, `load_model_card`), which refuse a directory whose card does not validate, naming
+the field, or whose files are missing or altered (SHA-256), naming the file. The preprocessing
+rule and the input spec are typed: a card asking for a transform this code does not implement is
+refused, never served with the wrong one. Pure pydantic + hashlib: nothing here imports
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contract.preprocess import PreprocessingSpec
+
 CARD_FILE = "model.json"
-SCHEMA_VERSION = 1
+SPLIT_FILE = "split.json"
+SCHEMA_VERSION = 2
 
 ArtifactFormat = Literal["tflite", "savedmodel"]
 
@@ -44,9 +50,35 @@ class Artifact(BaseModel):
     quantization: str  # float32 | float16 | dynamic_range | int8
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    validation_top1: float | None = None
+    top1: float | None = None
+    """Top-1 of this artifact on the photos `evaluated_on` describes."""
     agreement_with_keras: float | None = None
     max_abs_diff: float | None = None
+
+
+class SplitRecord(BaseModel):
+    """The photos the model was trained and validated on: `file` (split.json, relative paths
+    under `data`) in the model directory, hashed, so evaluation never re-derives the split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = SPLIT_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data: str
+    train_images: int = Field(ge=0)
+    validation_images: int = Field(ge=1)
+
+
+class Evaluation(BaseModel):
+    """Which photos the artifacts' `top1` and the parity checks were measured on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    photos: Literal["validation_split", "all_photos"]
+    """`validation_split`: the recorded validation photos, never trained on. `all_photos`:
+    every photo of `data`, which may include training photos (an export without a split)."""
+    data: str
+    images: int = Field(ge=1)
 
 
 class ModelCard(BaseModel):
@@ -54,7 +86,7 @@ class ModelCard(BaseModel):
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     version: str
     architecture: str = "MobileViT v1"
@@ -63,9 +95,11 @@ class ModelCard(BaseModel):
     labels: list[str] = Field(min_length=2)
     input: InputSpec
     output: dict = {"type": "probabilities", "dtype": "float32"}
-    preprocessing: dict
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
     training: dict = {}
     metrics: dict = {}
+    split: SplitRecord | None = None
+    evaluated_on: Evaluation | None = None
     artifacts: list[Artifact] = Field(min_length=1)
     default_artifacts: dict[str, str] = {}
     versions: dict[str, str] = {}
@@ -138,9 +172,18 @@ def read_card(model_dir: str | Path) -> ModelCard:
     if not card_path.is_file():
         raise ArtifactError(f"{card_path} not found: not a model directory")
     try:
-        return ModelCard.model_validate(json.loads(card_path.read_text()))
+        raw = json.loads(card_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{card_path} is not valid JSON: {exc}") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{card_path}: schema_version {version!r} is not {SCHEMA_VERSION}, the one this code "
+            "reads; re-export the model, or rewrite a version-1 card with "
+            "`python -m training.upgrade_card DIR --data PHOTOS`"
+        )
+    try:
+        return ModelCard.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors()
@@ -167,7 +210,32 @@ def load_model_card(model_dir: str | Path, verify: bool = True) -> ModelCard:
     if verify:
         for artifact in card.artifacts:
             verify_artifact(model_dir, artifact)
+        if card.split is not None:
+            verify_split(model_dir, card.split)
     return card
+
+
+def verify_for_serving(model_dir: str | Path, card: ModelCard, served: Artifact) -> list[str]:
+    """Hash-check the artifact to serve; return the other listed files that are missing.
+
+    A deployment may keep only the artifact it serves (a TFLite-only image deletes
+    saved_model/), so missing others are reported, not refused; present ones are not hashed,
+    which keeps startup from reading files it will never use.
+    """
+    verify_artifact(model_dir, served)
+    return [
+        a.file for a in card.artifacts if a is not served and not Path(model_dir, a.file).exists()
+    ]
+
+
+def verify_split(model_dir: str | Path, split: SplitRecord) -> Path:
+    """The split file, checked against its recorded SHA-256."""
+    path = Path(model_dir, split.file)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is recorded in {CARD_FILE} but missing")
+    if sha256_path(path) != split.sha256:
+        raise ArtifactError(f"{path} does not match the sha256 recorded in {CARD_FILE}")
+    return path
 
 
 def write_card(model_dir: str | Path, card: ModelCard) -> None:

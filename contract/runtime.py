@@ -1,4 +1,4 @@
-"""Inference backends behind one small interface: a batch of RGB pixels in, probabilities out.
+"""Runtime backends behind one protocol: a batch of RGB pixels in, probabilities out.
 
 `TFLiteBackend` needs only ai-edge-litert (no TensorFlow); `SavedModelBackend` imports TensorFlow
 lazily, so the TFLite-only install never pays for it.
@@ -6,6 +6,7 @@ lazily, so the TFLite-only install never pays for it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 from pathlib import Path
@@ -13,35 +14,68 @@ from typing import Protocol
 
 import numpy as np
 
-from app.artifacts import ArtifactError
+from contract.card import ArtifactError
+
+#: Up to this size every batch size gets its own interpreter; above it, powers of two.
+EXACT_BATCH_SIZES = 8
 
 
 class Backend(Protocol):
-    """What the batcher calls. `predict` is called from one worker thread at a time."""
+    """What the service and the export checks call. `predict` is called from one thread at a
+    time per backend object."""
 
     name: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """[batch, H, W, C], -1 for a dynamic axis."""
+        ...
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """[batch, num_classes], -1 for a dynamic axis."""
+        ...
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """What the artifact takes: float32, or uint8 for a full-integer model."""
+        ...
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 or float32 [N, H, W, 3] pixels 0..255 -> float32 [N, num_classes] probabilities."""
         ...
 
 
+def allowed_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a TFLite backend keeps an interpreter for: 1..8, then powers of two, and
+    `max_batch` itself. A batch of another size is padded up to the next one (as TF Serving's
+    `allowed_batch_sizes`), so memory grows with log(max_batch), not with every size seen."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    sizes = set(range(1, min(max_batch, EXACT_BATCH_SIZES) + 1))
+    power = EXACT_BATCH_SIZES * 2
+    while power < max_batch:
+        sizes.add(power)
+        power *= 2
+    sizes.add(max_batch)
+    return tuple(sorted(sizes))
+
+
 class TFLiteBackend:
-    """A `.tflite` model run by LiteRT, with one interpreter per batch size seen.
+    """A `.tflite` model run by LiteRT, one interpreter per allowed batch size.
 
     The model has a dynamic batch axis; resizing one interpreter re-plans its memory on every
-    change of batch size, which dynamic batching causes constantly. Interpreters are cheap for a
-    model this size, so each batch size keeps its own (at most `max_interpreters`).
+    change of batch size, which dynamic batching causes constantly. So each allowed size keeps
+    its own interpreter, and a batch is padded up to the next allowed size (split when larger
+    than the largest).
     """
 
     name = "tflite"
 
-    def __init__(
-        self, path: str | Path, num_threads: int | None = None, max_interpreters: int = 16
-    ):
+    def __init__(self, path: str | Path, num_threads: int | None = None, max_batch: int = 16):
         self.path = Path(path)
         self.num_threads = num_threads
-        self.max_interpreters = max_interpreters
+        self.batch_sizes = allowed_batch_sizes(max_batch)
         self._interpreters: dict[int, object] = {}
         self._lock = threading.Lock()  # an interpreter is not safe to invoke concurrently
         first = self._make(None)
@@ -64,7 +98,6 @@ class TFLiteBackend:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """[batch, H, W, C] with -1 for a dynamic batch axis."""
         return tuple(int(v) for v in self._input["shape_signature"])
 
     @property
@@ -75,23 +108,33 @@ class TFLiteBackend:
     def input_dtype(self) -> np.dtype:
         return np.dtype(self._input["dtype"])
 
+    @property
+    def interpreters(self) -> int:
+        """Interpreters allocated so far (at most one per allowed batch size, plus the first)."""
+        return len(self._interpreters)
+
     def op_names(self) -> set[str]:
         interpreter = next(iter(self._interpreters.values()))
         return {op["op_name"] for op in interpreter._get_ops_details()}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
-        batch = int(images.shape[0])
+        largest = self.batch_sizes[-1]
+        if len(images) > largest:
+            chunks = [images[i : i + largest] for i in range(0, len(images), largest)]
+            return np.concatenate([self.predict(chunk) for chunk in chunks])
+        count = len(images)
+        batch = self.batch_sizes[bisect.bisect_left(self.batch_sizes, count)]
+        if batch > count:  # pad with copies of the last image; their rows are dropped
+            images = np.concatenate([images, np.repeat(images[-1:], batch - count, axis=0)])
         with self._lock:
             interpreter = self._interpreters.get(batch)
             if interpreter is None:
-                if len(self._interpreters) >= self.max_interpreters:
-                    self._interpreters.pop(next(iter(self._interpreters)))
                 interpreter = self._interpreters[batch] = self._make(batch)
             # Tensor indices are the same in every interpreter of one model file.
             interpreter.set_tensor(self._input["index"], self._quantize(images))
             interpreter.invoke()
-            return self._dequantize(interpreter.get_tensor(self._output["index"]))
+            return self._dequantize(interpreter.get_tensor(self._output["index"]))[:count]
 
     def _quantize(self, images: np.ndarray) -> np.ndarray:
         dtype = self.input_dtype
@@ -143,9 +186,13 @@ class SavedModelBackend:
         return np.asarray(next(iter(outputs.values())), dtype=np.float32)
 
 
-def open_backend(fmt: str, path: str | Path, num_threads: int | None = None) -> Backend:
+def open_backend(
+    fmt: str, path: str | Path, num_threads: int | None = None, max_batch: int = 16
+) -> Backend:
+    """The backend for an artifact format; TFLite keeps interpreters for batches up to
+    `max_batch` (larger ones are split)."""
     if fmt == "tflite":
-        return TFLiteBackend(path, num_threads)
+        return TFLiteBackend(path, num_threads, max_batch)
     if fmt == "savedmodel":
         return SavedModelBackend(path, num_threads)
     raise ArtifactError(f"unknown artifact format {fmt!r}; use 'tflite' or 'savedmodel'")

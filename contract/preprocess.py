@@ -1,18 +1,24 @@
-"""Image decoding and the resize rule: the one preprocessing contract.
+"""The preprocessing rule as data (`PreprocessingSpec`, recorded in model.json) and its one
+implementation: decode with limits, EXIF orientation, RGB, resize, crop.
 
-Training (evaluation transform), export (parity checks) and serving all call `load_rgb` and
-`resize_for_model`, so what the model sees at training time is what it sees when served.
-Only Pillow and numpy: the serving image needs neither TensorFlow nor Keras.
+Training (evaluation transform), export (parity checks), evaluation and serving all call
+`load_rgb` and `resize_for_model`, so what the model sees at training time is what it sees when
+served. Errors say what is wrong and carry no HTTP status: the service maps them (app.decoding).
+Only Pillow, numpy and pydantic: the serving image needs neither TensorFlow nor Keras.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -21,35 +27,49 @@ DEFAULT_MAX_PIXELS = 40_000_000
 _BINARY_SIGNATURES = (b"%PDF", b"PK\x03\x04", b"\x7fELF", b"MZ", b"\x1f\x8b")
 _TEXT_SIGNATURES = (b"<?xml", b"<svg", b"<html", b"<!doctype")  # compared case-insensitively
 
-#: The resize rule recorded in model.json as `preprocessing`; `resize_for_model` implements it.
-RESIZE_RULE = {
-    "resize": "shorter_side",
-    "interpolation": "bilinear",
-    "crop": "center",
-    "crop_fraction": 1.0,
-    "color": "RGB",
-    "exif_transpose": True,
-    "jpeg_draft": True,
-    "input_range": [0, 255],
-}
+
+class PreprocessingSpec(BaseModel):
+    """The rule from encoded image to model input, as model.json records it (`preprocessing`).
+
+    Every field names one step; each value here is one this code implements, so a card asking
+    for anything else (another interpolation, a squash resize, BGR) fails validation, naming
+    the field, instead of being served with the wrong transform.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resize: Literal["shorter_side"] = "shorter_side"
+    """Scale so that the shorter side covers the crop, keeping the aspect ratio."""
+    interpolation: Literal["bilinear"] = "bilinear"
+    crop: Literal["center"] = "center"
+    crop_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Share of the resized shorter side the centred crop keeps (timm's `crop_pct`)."""
+    color: Literal["RGB"] = "RGB"
+    exif_transpose: Literal[True] = True
+    jpeg_draft: bool = True
+    """Large JPEGs are decoded at a reduced scale (Pillow `draft`) that still covers the crop."""
+    input_range: tuple[Literal[0], Literal[255]] = (0, 255)
+    """uint8 pixels; any rescaling happens inside the model."""
+
+
+#: The rule every model of this project is trained and exported with.
+DEFAULT_PREPROCESSING = PreprocessingSpec()
 
 
 class ImageError(ValueError):
-    """Base class of every decode failure; `status` is the HTTP code it maps to."""
-
-    status = 400
+    """Base class of every decode failure."""
 
 
 class UndecodableImage(ImageError):
-    status = 400
+    """The bytes claim to be an accepted image but cannot be decoded (empty, broken, truncated)."""
 
 
 class UnsupportedImageType(ImageError):
-    status = 415
+    """The bytes are something other than an accepted image format (PDF, SVG, TIFF, ...)."""
 
 
 class ImageTooLarge(ImageError):
-    status = 413
+    """The image is beyond the pixel limits, refused from its header before decoding."""
 
 
 @dataclass(frozen=True)
@@ -107,17 +127,21 @@ def _identifies_as_other_format(data: bytes) -> bool:
 
 
 def load_rgb(
-    data: bytes, target_size: int | None = None, limits: DecodeLimits | None = None
+    data: bytes,
+    target_size: int | None = None,
+    limits: DecodeLimits | None = None,
+    jpeg_draft: bool = True,
 ) -> Image.Image:
     """Decode bytes into an upright RGB image, first frame only.
 
-    With `target_size`, large JPEGs are decoded at a reduced scale (Pillow `draft`) that still
-    leaves the shorter side at least `target_size`, which is much cheaper than a full decode.
+    With `target_size` and `jpeg_draft`, large JPEGs are decoded at a reduced scale (Pillow
+    `draft`) that still leaves the shorter side at least `target_size`, which is much cheaper
+    than a full decode.
     """
     limits = limits or DecodeLimits()
     image = _open_checked(data, limits)
     try:
-        if target_size and image.format == "JPEG":
+        if target_size and jpeg_draft and image.format == "JPEG":
             image.draft("RGB", (target_size, target_size))
         image.seek(0)
         image.load()
@@ -144,10 +168,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_for_model(image: Image.Image, size: int) -> np.ndarray:
-    """Apply RESIZE_RULE: shorter side to `size` (bilinear), then a centred size x size crop."""
+def load_bounded(data: bytes, shorter_side: int) -> Image.Image:
+    """Decode for keeping in memory: the shorter side brought down to at most `shorter_side`.
+
+    Training keeps every photo decoded; a 12-megapixel photo is 36 MB as RGB, but augmentation
+    at a few hundred pixels never needs more than about twice the input size. JPEGs are drafted
+    (decoded at 1/2, 1/4 or 1/8 scale), then any image still larger is downscaled (bilinear).
+    """
+    image = load_rgb(data, target_size=shorter_side)
     width, height = image.size
-    scale = size / min(width, height)
+    if min(width, height) > shorter_side:
+        scale = shorter_side / min(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return image
+
+
+def resize_for_model(
+    image: Image.Image, size: int, spec: PreprocessingSpec = DEFAULT_PREPROCESSING
+) -> np.ndarray:
+    """Apply `spec`: shorter side to size / crop_fraction (bilinear), then a centred size x size
+    crop; uint8 [size, size, 3]."""
+    width, height = image.size
+    scale = size / spec.crop_fraction / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = (new_w - size) // 2, (new_h - size) // 2
     # Map the crop box back to source coordinates so Pillow crops and resizes in one pass.
@@ -156,11 +199,20 @@ def resize_for_model(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def preprocess_bytes(data: bytes, size: int, limits: DecodeLimits | None = None) -> np.ndarray:
+def preprocess_bytes(
+    data: bytes,
+    size: int,
+    limits: DecodeLimits | None = None,
+    spec: PreprocessingSpec = DEFAULT_PREPROCESSING,
+) -> np.ndarray:
     """Bytes to the model's input: uint8 [size, size, 3]."""
-    return resize_for_model(load_rgb(data, target_size=size, limits=limits), size)
+    draft_to = math.ceil(size / spec.crop_fraction)
+    image = load_rgb(data, target_size=draft_to, limits=limits, jpeg_draft=spec.jpeg_draft)
+    return resize_for_model(image, size, spec)
 
 
-def preprocess_file(path: str, size: int) -> np.ndarray:
+def preprocess_file(
+    path: str | os.PathLike, size: int, spec: PreprocessingSpec = DEFAULT_PREPROCESSING
+) -> np.ndarray:
     with open(path, "rb") as handle:
-        return preprocess_bytes(handle.read(), size)
+        return preprocess_bytes(handle.read(), size, spec=spec)
