@@ -1,12 +1,9 @@
 # syntax=docker/dockerfile:1
 # MobileViT classification service. Default image serves TFLite only (no TensorFlow, ~small);
 # build with --build-arg EXTRAS=savedmodel to serve the SavedModel artifact too.
-# Serves with WEB_CONCURRENCY=2 uvicorn processes (one per core of a 2-core host; raise it and
-# INFERENCE_SLOTS with the cores), each with 2 inference workers, so that one process can use
-# every core when the kernel hands it most of the connections, and 2 host-wide inference slots,
-# so that no more batches than cores run at once; /metrics sums the processes through
-# PROMETHEUS_MULTIPROC_DIR. No access log line per request (UVICORN_ACCESS_LOG=false), as in TF
-# Serving and Triton; /metrics counts requests. Set it to true to log each request.
+# `python -m app` sizes itself from the CPUs the container gets (affinity and cgroup cpu.max):
+# processes, inference workers and decode threads; /model-info says what it chose. One image fits
+# any pod size. PORT (KServe's convention) or MOBILEVIT_PORT sets the port.
 
 FROM python:3.11-slim AS build
 ARG EXTRAS=""
@@ -28,12 +25,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MOBILEVIT_MODEL_DIR=/srv/models/flowers-mobilevit-xxs \
-    WEB_CONCURRENCY=2 \
-    MOBILEVIT_INFERENCE_WORKERS=2 \
-    MOBILEVIT_INFERENCE_SLOTS=2 \
-    MOBILEVIT_DECODE_THREADS=1 \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/mobilevit-metrics \
-    UVICORN_ACCESS_LOG=false
+    MOBILEVIT_HOST=0.0.0.0 \
+    MOBILEVIT_PORT=8000
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv
@@ -44,4 +37,4 @@ USER 1000
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "app"]

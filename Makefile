@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-WORKERS ?= 2
 DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
@@ -30,18 +29,10 @@ $(VENV)/.dev: pyproject.toml constraints.txt
 install: $(VENV)/.serve
 install-dev: $(VENV)/.dev
 
-# WORKERS uvicorn processes, one per core, each with its own GIL and 2 inference workers, so a
-# process that the kernel hands most connections can still use every core, and WORKERS host-wide
-# inference slots, so that no more batches than cores run at once (README, "Processes").
-# /metrics sums the processes through files in PROMETHEUS_MULTIPROC_DIR. No access log by default
-# (UVICORN_ACCESS_LOG=true turns it on): /metrics counts requests, and the log line costs CPU.
+# Processes and threads are derived from the CPUs this process may use (app/topology.py);
+# /model-info reports them. Every MOBILEVIT_* setting in the environment applies.
 serve: $(VENV)/.serve
-	PROMETHEUS_MULTIPROC_DIR=$${PROMETHEUS_MULTIPROC_DIR:-/tmp/mobilevit-metrics-$(PORT)} \
-	MOBILEVIT_INFERENCE_WORKERS=$${MOBILEVIT_INFERENCE_WORKERS:-2} \
-	MOBILEVIT_DECODE_THREADS=$${MOBILEVIT_DECODE_THREADS:-1} \
-	MOBILEVIT_INFERENCE_SLOTS=$${MOBILEVIT_INFERENCE_SLOTS:-$(WORKERS)} \
-	UVICORN_ACCESS_LOG=$${UVICORN_ACCESS_LOG:-false} \
-	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	MOBILEVIT_HOST=$(HOST) MOBILEVIT_PORT=$(PORT) $(PY) -m app
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
@@ -74,13 +65,12 @@ evaluate: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.batch_cost --model $(MODEL)
-	$(PY) -m bench.serve --model $(MODEL) --modes 2proc,bare,1proc,off
+	$(PY) -m bench.serve --model $(MODEL) --modes service,peer
 	$(PY) -m bench.http_floor
-	$(PY) -m bench.p99_ab --model $(MODEL)
-	$(PY) -m bench.lone_request --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.upload_burst --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
+	$(PY) -m bench.train_memory --photos 1000 --image-size 256
 
 # Re-pin constraints.txt to the newest versions that pyproject.toml allows, from a fresh venv
 # with every extra; then run `make test` (CI installs exactly this set).

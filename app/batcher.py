@@ -10,7 +10,12 @@ the dispatcher then goes on with the next batch.
 
 Several replicas (INFERENCE_WORKERS) run batches concurrently: on a small CPU two single-thread
 interpreters keep both cores busy even while decoding takes a slice of one of them, whereas one
-interpreter split over both cores stalls whenever either core is taken (bench/serve.py).
+interpreter split over both cores stalls whenever either core is taken (bench/serve.py). A
+request that is alone, though, would leave all cores but one idle: a batch of at most
+`LONE_MAX_BATCH` images that finds every replica idle, nothing else queued and `alone()` true
+(no other request in flight, not even one still uploading or decoding) runs on `lone` (an
+interpreter with a thread per core) while holding every replica, so nothing else runs beside
+it; anything arriving meanwhile waits the ~1 ms it takes, then runs as usual.
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
@@ -37,6 +42,8 @@ import numpy as np
 logger = logging.getLogger("app.batcher")
 
 Predict = Callable[[np.ndarray], np.ndarray]
+#: Largest batch that may run on the many-thread `lone` predict: a lone request's images.
+LONE_MAX_BATCH = 2
 #: Called after every backend call: (batch size, seconds in predict, whether it failed).
 BatchHook = Callable[[int, float, bool], None]
 
@@ -63,6 +70,7 @@ class BatcherStats:
     failed_batches: int = 0
     rejected: int = 0
     skipped_cancelled: int = 0
+    lone_batches: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -75,6 +83,8 @@ class Batcher:
         max_wait_s: float = 0.002,
         queue_limit: int = 256,
         on_batch: BatchHook | None = None,
+        lone: Predict | None = None,
+        alone: Callable[[], bool] = lambda: True,
     ):
         replicas = [predict] if callable(predict) else list(predict)
         if not replicas or max_batch_size < 1 or queue_limit < 1 or max_wait_s < 0:
@@ -86,6 +96,8 @@ class Batcher:
         self.queue_limit = queue_limit
         self.stats = BatcherStats()
         self._replicas = replicas
+        self._lone = lone if len(replicas) > 1 else None
+        self._alone = alone
         # Indices of replicas not running a batch; the dispatcher waits here before forming one.
         self._idle: asyncio.Queue[int] = asyncio.Queue()
         for index in range(len(replicas)):
@@ -217,9 +229,15 @@ class Batcher:
                     if batch is None:
                         return
                     continue
-                task = loop.create_task(self._run_batch(batch, self._replicas[replica]))
+                held, predict = [replica], self._replicas[replica]
+                if self._lone is not None and self._all_idle(batch):
+                    while not self._idle.empty():  # every other replica: nothing runs beside it
+                        held.append(self._idle.get_nowait())
+                    predict = self._lone
+                    self.stats.lone_batches += 1
+                task = loop.create_task(self._run_batch(batch, predict))
                 self._running.add(task)
-                task.add_done_callback(lambda t, r=replica: self._batch_done(t, r))
+                task.add_done_callback(lambda t, h=held: self._batch_done(t, h))
         except asyncio.CancelledError:  # forced stop: running batches fail now, not later
             for task in self._running:
                 task.cancel()
@@ -229,9 +247,20 @@ class Batcher:
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
 
-    def _batch_done(self, task: asyncio.Task, replica: int) -> None:
+    def _all_idle(self, batch: list[_Item]) -> bool:
+        """A small batch, nothing else queued or running: a lone request."""
+        return (
+            len(batch) <= LONE_MAX_BATCH
+            and not self._queue
+            and not self._running
+            and self._idle.qsize() == len(self._replicas) - 1
+            and self._alone()
+        )
+
+    def _batch_done(self, task: asyncio.Task, held: list[int]) -> None:
         self._running.discard(task)
-        self._idle.put_nowait(replica)
+        for replica in held:
+            self._idle.put_nowait(replica)
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait for a first item, then up to `max_wait_s` (from its arrival) for a full batch."""

@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
 
 from app import predict, routes, v2
 from app.batcher import Batcher
 from app.decoding import BodyBudget, Decoder
+from app.demo import demo_router
 from app.errors import install_error_handlers
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import load_service
@@ -57,7 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.decoder = Decoder(
         service.size,
         DecodeLimits(max_pixels=settings.max_image_pixels),
-        settings.decode_threads,
+        service.topology.decode_threads,
         service.card.preprocessing,
     )
     await service.decoder.warm_up()
@@ -68,6 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_wait_s=settings.max_batch_wait_s,
         queue_limit=settings.queue_limit,
         on_batch=metrics.observe_batch,
+        lone=service.lone.predict if service.lone is not None else None,
+        alone=service.alone,
     )
     service.batcher.start()
     batcher = service.batcher
@@ -81,13 +84,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = service
     app.state.status = "ready"
     metrics.ready.set(1)
+    topology = service.topology
     logger.info(
-        "serving %s %s (%s, %s) after %.1fs",
+        "serving %s %s (%s, %s) after %.1fs: %d inference worker(s) x %d thread(s), "
+        "%d decode thread(s); %s",
         service.card.name,
         service.card.version,
         service.format,
         service.artifact.file,
         time.perf_counter() - started,
+        topology.inference_workers,
+        topology.inference_threads,
+        topology.decode_threads,
+        topology.reason,
     )
     try:
         yield
@@ -96,29 +105,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(0)
         await batcher.close(timeout=settings.request_timeout_s)
         service.decoder.close()
-        service.close()
         metrics.track_queue(lambda: 0)
         metrics.close()
         app.state.status = "stopped"
         logger.info("stopped after draining the queue")
 
 
-class ServiceApp(FastAPI):
-    """FastAPI, with `POST /predict` taken before FastAPI's middleware stack (`app.predict`)."""
-
-    fast_path: predict.FastPath
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.fast_path.handles(scope):
-            await self.fast_path(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new application (own settings, own metrics registry); the model loads in the lifespan."""
+    """A new application (own settings, own metrics registry); the model loads in the lifespan.
+
+    Every route sits inside the same middleware stack: the metrics middleware, CORS when
+    CORS_ORIGINS is set, and whatever a user adds with `app.add_middleware`.
+    """
     settings = settings or Settings()
-    app = ServiceApp(
+    app = FastAPI(
         title="MobileViT image classification",
         version=API_VERSION,
         summary="Classifies images with a MobileViT model exported as TFLite or SavedModel.",
@@ -129,13 +129,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.status = "loading"
     app.state.service = None
     install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "WWW-Authenticate", "Inference-Header-Content-Length"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    predict_route = predict.predict_route(app.state)
-    app.router.routes.append(predict_route)
-    counted = MetricsMiddleware(predict_route.app, metrics=app.state.metrics)
-    app.fast_path = predict.FastPath(predict_route, counted)
+    app.router.routes.append(predict.predict_route(app.state))
     app.include_router(routes.router)
     app.include_router(v2.router)
+    if settings.demo:
+        app.include_router(demo_router())
     generate_openapi = app.openapi
     app.openapi = lambda: predict.document_predict(generate_openapi())  # type: ignore[method-assign]
     return app

@@ -4,11 +4,13 @@
 route template, method and status and times them; the batcher reports batch sizes, inference
 time and images classified through `Metrics.observe_batch`.
 
-Several server processes (`uvicorn --workers N` / `WEB_CONCURRENCY`): with
-`PROMETHEUS_MULTIPROC_DIR` set to a writable directory, prometheus-client keeps every process's
-values in files there and `/metrics` reports the sum over all processes, whichever one answers.
-Files left by processes that no longer run are removed at startup, so a restarted service does
-not add up earlier runs.
+Several server processes (`python -m app` with more than one): prometheus-client keeps every
+process's values in files in `PROMETHEUS_MULTIPROC_DIR` (a directory of this service instance
+that `python -m app` creates) and `/metrics` reports the sum over all processes, whichever one
+answers. When uvicorn replaces a worker that died, the new process takes the dead one's live
+gauges (ready, queue depth) out of the sum but keeps its counters and histograms, so totals never
+go backwards. The directory is emptied when the service as a whole starts (`clear_directory`),
+so a restarted service does not add up earlier runs.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Metrics:
     def __init__(self) -> None:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         if self.multiprocess_dir:
-            remove_dead_process_files(Path(self.multiprocess_dir))
+            forget_dead_processes_gauges(Path(self.multiprocess_dir))
         self._depth: Callable[[], float] = lambda: 0
         self.registry = CollectorRegistry()
         r = self.registry
@@ -71,7 +73,7 @@ class Metrics:
         )
         self.inference_seconds = Histogram(
             "mobilevit_inference_seconds",
-            "Time of one backend call (a whole batch), with any wait for a host inference slot.",
+            "Time of one backend call (a whole batch).",
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
@@ -136,13 +138,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_process_files(directory: Path) -> None:
-    """Drop the value files (`<kind>_<pid>.db`) of processes that are gone; create the dir."""
+def _pid_of(file: Path) -> int | None:
+    pid = file.stem.rsplit("_", 1)[-1]
+    return int(pid) if pid.isdigit() else None
+
+
+def forget_dead_processes_gauges(directory: Path) -> None:
+    """Take the live gauges of processes that are gone out of the sum (prometheus-client's
+    `mark_process_dead`); their counters and histograms stay. Creates the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dead = {pid for file in directory.glob("*.db") if (pid := _pid_of(file)) is not None}
+    for pid in sorted(dead):
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, str(directory))
+
+
+def clear_directory(directory: Path) -> None:
+    """Remove every value file: a new service instance starts counting from zero."""
     directory.mkdir(parents=True, exist_ok=True)
     for file in directory.glob("*.db"):
-        pid = file.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            file.unlink(missing_ok=True)
+        file.unlink(missing_ok=True)
 
 
 class MetricsMiddleware:

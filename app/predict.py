@@ -1,13 +1,11 @@
-"""`POST /predict`: classify uploaded images. The service's hot path, so a plain ASGI app.
+"""`POST /predict`: classify uploaded images. The service's hot path, so a plain ASGI endpoint.
 
 FastAPI's dependency solving and response validation cost about 0.3 ms of event-loop CPU per
-request (bench/serve.py, "loop ms"), and Starlette's request object, middleware stack and routing
-about 0.05 ms more, where uvicorn's own share is about 0.2 ms. So `PredictEndpoint` reads the ASGI
-messages itself and answers its own errors in the one JSON shape (`app.errors`), and `FastPath`
-lets the app call it, behind the metrics middleware only, before FastAPI's stack. The route stays
-in the router as well (`predict_route`), for the 405 to other methods and the way in under a root
-path. `document_predict` describes it in the OpenAPI schema, and the tests check the answers
-against `PredictResponse`.
+request (bench/serve.py, "loop ms"), so `PredictEndpoint` reads the ASGI messages itself and
+answers its own errors in the one JSON shape (`app.errors`). It is an ordinary route of the
+app's router (`predict_route`), so every middleware applies to it as to every other route.
+`document_predict` describes it in the OpenAPI schema, and the tests check the answers against
+`PredictResponse`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams, State
 from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app.decoding import FILE_FIELD, read_uploads
 from app.errors import CODES, ApiError, ErrorBody, error_response, unexpected_error
@@ -129,7 +127,7 @@ class PredictEndpoint:
         k = parse_top_k(QueryParams(query).get("top_k") if query else None, len(labels))
         assert service.decoder is not None and service.body_budget is not None
         started = time.perf_counter()
-        with service.in_flight():  # from the body's first byte to the model's answer
+        with service.tracking():  # from the body's first byte to the model's answer
             async with RequestDeadline(receive, settings.request_timeout_s) as deadline:
                 with service.body_budget.reserve() as reservation:
                     uploads = await read_uploads(
@@ -177,22 +175,6 @@ class NamedRoute(Route):
 def predict_route(state: State) -> NamedRoute:
     """The `/predict` route of an app, for its router."""
     return NamedRoute("/predict", PredictEndpoint(state), methods=["POST"])
-
-
-class FastPath:
-    """`POST /predict` straight to `app` (the route's endpoint inside the metrics middleware), as
-    if the router had matched `route`. `handles(scope)`: is this such a request?"""
-
-    def __init__(self, route: NamedRoute, app: ASGIApp):
-        self.route = route
-        self.app = app
-
-    def handles(self, scope: Scope) -> bool:
-        return scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = self.route
-        await self.app(scope, receive, send)
 
 
 def document_predict(schema: dict[str, Any]) -> dict[str, Any]:

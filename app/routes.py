@@ -18,6 +18,7 @@ from app.batcher import InferenceFailed, Overloaded
 from app.errors import ApiError, error_responses
 from app.service import Service
 from app.settings import Settings
+from contract.runtime import allowed_batch_sizes
 
 router = APIRouter()
 
@@ -228,12 +229,9 @@ async def model_info(service: ReadyService) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "max_batch_wait_ms": settings.max_batch_wait_ms,
             "queue_limit": settings.queue_limit,
-            "inference_workers": settings.inference_workers,
-            "inference_threads": settings.inference_threads,
-            "inference_slots": settings.inference_slots if service.slots else 0,
-            "idle_inference_threads": settings.idle_inference_threads if service.wide else 0,
-            "decode_threads": settings.decode_threads,
+            "allowed_batch_sizes": list(allowed_batch_sizes(settings.max_batch_size)),
         },
+        "topology": service.topology.as_dict(),
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
             "max_inflight_upload_bytes": settings.max_inflight_upload_bytes,

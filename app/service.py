@@ -6,16 +6,17 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from app.batcher import Batcher
+from app.batcher import LONE_MAX_BATCH, Batcher
 from app.decoding import BodyBudget, Decoder
 from app.settings import Settings
-from app.slots import WIDE_MAX_BATCH, HostActivity, Predict, Slots, open_slots
+from app.topology import Topology
 from contract.card import Artifact, ArtifactError, ModelCard, read_card, verify_for_serving
 from contract.runtime import Backend, allowed_batch_sizes, check_shapes, open_backend
 
@@ -27,47 +28,41 @@ class Service:
     """Everything the lifespan loads; `app.state.service` once the model is up."""
 
     settings: Settings
+    topology: Topology
     card: ModelCard
     artifact: Artifact
     artifact_path: Path
     backend: Backend
     runtime: dict[str, str]
-    #: Files model.json lists that this deployment does not have (only the served one is needed).
-    missing_artifacts: list[str] = field(default_factory=list)
     #: One backend per inference worker (TFLite interpreters are not thread-safe; a TensorFlow
     #: SavedModel is, so its workers share one).
     replicas: list[Backend] = field(default_factory=list)
-    #: Each inference worker's handles on the host-wide slots (INFERENCE_SLOTS); empty: no cap.
-    slots: list[Slots] = field(default_factory=list)
-    #: With slots and IDLE_INFERENCE_THREADS: the many-thread interpreter a lone request runs
-    #: on (one for all workers: only one batch at a time can hold every slot), and the host-wide
-    #: count of requests in flight that tells a lone request.
-    wide: Backend | None = None
-    activity: HostActivity | None = None
+    #: The many-thread interpreter a lone request runs on (TFLite, several workers), or None.
+    lone: Backend | None = None
+    #: Files model.json lists that this deployment does not have (only the served one is needed).
+    missing_artifacts: list[str] = field(default_factory=list)
     batcher: Batcher | None = None
     decoder: Decoder | None = None
     body_budget: BodyBudget | None = None
     started: float = field(default_factory=time.monotonic)
+    #: Requests between their first body byte and their answer (event loop only).
+    in_flight: int = 0
 
-    def predict_functions(self) -> list[Predict]:
-        """One per inference worker, for the batcher; with slots, each batch runs in a free one."""
-        predicts = [replica.predict for replica in self.replicas]
-        if not self.slots:
-            return predicts
-        if self.wide is None or self.activity is None:
-            return [slots.wrap(p) for slots, p in zip(self.slots, predicts, strict=True)]
-        wide, alone = self.wide.predict, self.activity.alone
-        return [slots.wrap(p, wide, alone) for slots, p in zip(self.slots, predicts, strict=True)]
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Around a request's handling: counts it, so a lone request can be told apart."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
-    def in_flight(self) -> contextlib.AbstractContextManager[None]:
-        """Around a request's whole handling: counts it for IDLE_INFERENCE_THREADS."""
-        return self.activity.busy() if self.activity is not None else contextlib.nullcontext()
+    def alone(self) -> bool:
+        return self.in_flight <= 1
 
-    def close(self) -> None:
-        for slots in self.slots:
-            slots.close()
-        if self.activity is not None:
-            self.activity.close()
+    def predict_functions(self) -> list[Callable[[np.ndarray], np.ndarray]]:
+        """One per inference worker, for the batcher."""
+        return [replica.predict for replica in self.replicas]
 
     @property
     def size(self) -> int:
@@ -127,47 +122,34 @@ def load_service(settings: Settings) -> Service:
             f"{model_dir / 'model.json'}: input {card.input.height}x{card.input.width} "
             "is not square; the serving resize rule needs a square input"
         )
+    topology = settings.topology()
     path = model_dir / artifact.file
-    max_batch = settings.max_batch_size
-    backend = open_backend(settings.model_format, path, settings.inference_threads, max_batch)
+    threads, max_batch = topology.inference_threads, settings.max_batch_size
+    backend = open_backend(settings.model_format, path, threads, max_batch)
     check_shapes(backend, card.input.height, card.input.width, len(card.labels), path)
-    extra = settings.inference_workers - 1
+    extra = topology.inference_workers - 1
     if settings.model_format == "savedmodel":
         replicas = [backend] * (extra + 1)  # TensorFlow runs concurrent calls on one model
     else:
         replicas = [backend] + [
-            open_backend("tflite", path, settings.inference_threads, max_batch)
-            for _ in range(extra)
+            open_backend("tflite", path, threads, max_batch) for _ in range(extra)
         ]
     for replica in dict.fromkeys(replicas):  # each distinct backend once
-        _warm_up(replica, card.input.height, len(card.labels), settings.max_batch_size, path)
-    slots = open_slots(settings.inference_slots_dir, settings.inference_slots, len(replicas))
-    wide = activity = None
-    if slots and settings.idle_inference_threads and settings.model_format == "tflite":
-        try:
-            activity = HostActivity(settings.inference_slots_dir / "busy.lock")
-        except OSError as exc:
-            logger.warning("a lone request stays on one core: %s", exc)
-    if activity is not None:
-        try:
-            wide = open_backend("tflite", path, settings.idle_inference_threads, WIDE_MAX_BATCH)
-            wide_batch = min(WIDE_MAX_BATCH, settings.max_batch_size)
-            _warm_up(wide, card.input.height, len(card.labels), wide_batch, path)
-        except Exception:
-            activity.close()
-            for handle in slots:
-                handle.close()
-            raise
+        _warm_up(replica, card.input.height, len(card.labels), max_batch, path)
+    lone = None
+    if topology.lone_request_threads and settings.model_format == "tflite":
+        lone_batch = min(LONE_MAX_BATCH, max_batch)
+        lone = open_backend("tflite", path, topology.lone_request_threads, lone_batch)
+        _warm_up(lone, card.input.height, len(card.labels), lone_batch, path)
     return Service(
         settings=settings,
+        topology=topology,
         card=card,
         artifact=artifact,
         artifact_path=path,
         backend=backend,
         runtime=runtime_versions(settings.model_format),
-        missing_artifacts=missing,
         replicas=replicas,
-        slots=slots,
-        wide=wide,
-        activity=activity,
+        lone=lone,
+        missing_artifacts=missing,
     )

@@ -6,16 +6,19 @@ configuration story; each field's docstring is its documentation (also in `Setti
 
 from __future__ import annotations
 
-import tempfile
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.topology import Topology, derive, usable_cpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flowers-mobilevit-xxs"
 DEFAULT_INFLIGHT_UPLOAD_BYTES = 256 * 1024 * 1024
+KSERVE_MODEL_DIR = Path("/mnt/models")
 
 
 class Settings(BaseSettings):
@@ -27,10 +30,12 @@ class Settings(BaseSettings):
         protected_namespaces=(),
         use_attribute_docstrings=True,
         validate_default=True,
+        populate_by_name=True,
     )
 
     model_dir: Path = DEFAULT_MODEL_DIR
-    """Model directory holding `model.json` and its artifacts (default: the shipped model)."""
+    """Model directory holding `model.json` and its artifacts. Default: the shipped model, or
+    /mnt/models when KServe's STORAGE_URI is set (where its storage initializer puts the files)."""
 
     model_format: Literal["tflite", "savedmodel"] = "tflite"
     """Which artifact kind to serve: `tflite` (LiteRT, no TensorFlow) or `savedmodel`."""
@@ -50,32 +55,39 @@ class Settings(BaseSettings):
     queue_limit: int = Field(default=256, ge=1)
     """Images that may wait for inference; beyond it requests get 503 with `Retry-After`."""
 
-    inference_workers: int = Field(default=2, ge=1, le=64)
-    """Batches run concurrently, each on its own TFLite interpreter (a SavedModel is shared).
-    With the default 2 workers x 1 thread a 2-core machine stays busy while requests decode;
-    1 worker x 2 threads answers a lone request sooner (bench/serve.py measured both)."""
+    processes: int | None = Field(default=None, ge=1, le=256)
+    """uvicorn processes `python -m app` starts. Default: derived from the usable CPUs
+    (`app.topology`): one per 4 CPUs, at least one."""
 
-    inference_slots: int = Field(default=0, ge=0, le=1024)
-    """Most batches running at once on this host, over all server processes that share
-    INFERENCE_SLOTS_DIR; 0 (default): no cap. With several processes of several inference
-    workers each, set it to the number of cores: a process can then use every core when the
-    others are idle, without more inference threads than cores when all are busy."""
+    inference_workers: int | None = Field(default=None, ge=1, le=64)
+    """Batches each process runs concurrently, each on its own TFLite interpreter (a SavedModel
+    is shared). Default: one per CPU of the process."""
 
-    idle_inference_threads: int = Field(default=0, ge=0, le=1024)
-    """With INFERENCE_SLOTS, TFLite only: a request alone on the host (no other request in
-    flight in any server process sharing the slots) runs on an interpreter with this many
-    threads, holding every slot, instead of on one thread. 0 (default): off. Faster only for
-    requests sent back to back: after a pause of 10 ms or more a many-thread interpreter was
-    the slower one (bench/lone_request.py). To use it, set it to the number of cores."""
+    inference_threads: int | None = Field(default=None, ge=1, le=64)
+    """Threads of each worker's LiteRT interpreter (or TensorFlow's intra-op pool). Default: 1."""
 
-    inference_slots_dir: Path = Path(tempfile.gettempdir()) / "mobilevit-inference-slots"
-    """Directory of the slots' lock files; processes sharing it share the slots."""
+    decode_threads: int | None = Field(default=None, ge=1, le=64)
+    """Threads decoding and resizing uploaded images, off the event loop. Default: one per CPU
+    of the process."""
 
-    inference_threads: int = Field(default=1, ge=1)
-    """Threads each worker's LiteRT interpreter (or TensorFlow's intra-op pool) may use."""
+    host: str = "127.0.0.1"
+    """Address `python -m app` listens on (the Docker image sets 0.0.0.0)."""
 
-    decode_threads: int = Field(default=2, ge=1)
-    """Threads decoding and resizing uploaded images, off the event loop."""
+    port: int = Field(
+        default=8000, ge=1, le=65535, validation_alias=AliasChoices("MOBILEVIT_PORT", "PORT")
+    )
+    """Port `python -m app` listens on; `PORT` (KServe's convention) is read too."""
+
+    access_log: bool = False
+    """A log line per request on stdout. Off, as in TF Serving and Triton: /metrics counts
+    requests by route and status."""
+
+    demo: bool = True
+    """The demo page at `/` (drop a photo, see the labels); false: `/` is a 404, API only."""
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Comma-separated origins allowed to call the API from a browser (Starlette's
+    CORSMiddleware, on every route); `*` allows any. Unset: no CORS headers."""
 
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     """Largest request body accepted (bytes); larger gets 413 before it is buffered."""
@@ -108,10 +120,23 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
     @field_validator("artifact", mode="before")
     @classmethod
     def _empty_artifact_is_default(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _kserve_storage(self) -> Settings:
+        if "model_dir" not in self.model_fields_set and os.environ.get("STORAGE_URI"):
+            self.model_dir = KSERVE_MODEL_DIR
+        return self
 
     @model_validator(mode="after")
     def _one_upload_fits_in_flight(self) -> Settings:
@@ -130,3 +155,13 @@ class Settings(BaseSettings):
     @property
     def max_batch_wait_s(self) -> float:
         return self.max_batch_wait_ms / 1000.0
+
+    def topology(self) -> Topology:
+        """Processes and threads: what is set here, the rest derived from the usable CPUs."""
+        return derive(
+            usable_cpus(),
+            self.processes,
+            self.inference_workers,
+            self.inference_threads,
+            self.decode_threads,
+        )

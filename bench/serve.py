@@ -1,25 +1,24 @@
-"""HTTP throughput and latency of the running service against the in-process ceiling.
+"""This service side by side with a plain FastAPI server, and against the in-process ceiling.
 
     python -m bench.serve --model models/flowers-mobilevit-xxs
 
-Starts `uvicorn app.main:app` on 127.0.0.1 in each mode: "2proc", as `make serve` and the Docker
-image run it (2 processes, each with 2 inference workers, 2 host-wide inference slots, batching
-on); "1proc", uvicorn's and the app's defaults (1 process with 2 inference workers x 1 thread);
-"off", 1proc with batching off (MAX_BATCH_SIZE=1); only with `--modes`: "2proc-1w", 2
-processes of 1 inference worker each, "2proc-wide", 2proc with a lone request on both cores
-(IDLE_INFERENCE_THREADS=2), "2proc-log", 2proc with uvicorn's access log on, "3proc", 2proc with a
-third process, "1x2", one process with one 2-thread worker, and "bare", 2proc serving
-`bench.bare_service` (the design's skeleton around the real work, none of the app's
-features). Drives each with wrk (one load thread, real photos as raw image/jpeg bodies) at 1, 4,
-16 and 64 concurrent clients, and prints throughput, p50/p99 latency and errors next to the
-ceiling: decode + resize + inference of the same photos in a plain in-process loop on all cores.
-"CPU busy" is how busy the machine was under load (below 100%: threads waiting, e.g. for the GIL);
-"loop ms" and "work ms" are the server's CPU time per request in its event-loop threads (HTTP,
-FastAPI, batching) and in its other threads (decode, inference), over all its processes; "wrk ms"
-is the load generator's own CPU time per request, which the ceiling does not have to share.
-"batch" is the mean number of images per backend call during the load (from /metrics).
-"busiest" is, per round, how many of the connections the busiest server process held (the
-kernel hands each new connection to whichever process accepts first).
+Starts each mode on 127.0.0.1, one at a time, in the order given and then in reverse (`--passes`):
+"service", `python -m app` as `make serve` and the Docker image run it (its shape derived from
+the CPUs, app/topology.py); "peer", `bench.peer`, the one-request-one-invoke FastAPI server a
+user would write instead (one interpreter with a thread per core, no batching); and, with
+`--modes`, "2proc" (the service with MOBILEVIT_PROCESSES=2), "off" (MAX_BATCH_SIZE=1), "1x2" (one
+inference worker with 2 threads), "2x1" (INFERENCE_THREADS=1 set, so a lone request stays on one
+core), "batch32" (MAX_BATCH_SIZE=32), and "v2-uint8", "v2-bytes" and "v2-json": the service
+driven through v2 infer with binary UINT8 pixels, binary BYTES files, or JSON pixels. Drives
+each with wrk (one load thread, real photos, one per request) at 1, 4, 16 and 64 concurrent
+clients, and prints
+throughput, p50/p99 latency and errors next to the ceiling: one single-thread decode + resize +
+inference loop per core, run at once, summed.
+"CPU busy" is how busy the machine was under load; "loop ms" and "work ms" are the server's CPU
+time per request in its event-loop threads and in its other threads (decode, inference), over all
+its processes; "wrk ms" is the load generator's own CPU time per request. "batch" is the mean
+number of images per backend call (from /metrics; "-" for the peer); "RSS MB" the server's
+resident memory, all processes, at the end of the cell.
 
 This machine's speed drifts by +-20% within minutes, so each cell alternates ceiling and load in
 several short rounds (`--rounds`) and compares their means: the drift hits both sides alike.
@@ -28,12 +27,14 @@ several short rounds (`--rounds`) and compares their means: the drift hits both 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,8 @@ def photo_files(folder: Path, count: int) -> list[Path]:
 
 
 def ceiling(model_dir: Path, artifact, blobs: list[bytes], size: int, seconds: float) -> float:
-    """Best images/s of decode + resize + inference in-process: one loop with 2 interpreter
-    threads, or one loop per core with a 1-thread interpreter each."""
+    """Images/s of decode + resize + inference in-process: one loop per core, each with a
+    1-thread interpreter, run at once, summed."""
     path = model_dir / artifact.file
 
     def loop(backend, stop: float, counts: list[int], slot: int) -> None:
@@ -71,7 +72,7 @@ def ceiling(model_dir: Path, artifact, blobs: list[bytes], size: int, seconds: f
 
     best = 0.0
     cpus = os.cpu_count() or 1
-    for workers, threads in ((1, cpus), (cpus, 1)):
+    for workers, threads in ((cpus, 1),):
         backends = [open_backend(artifact.format, path, threads) for _ in range(workers)]
         for b in backends:
             b.predict(preprocess_bytes(blobs[0], size)[None])
@@ -92,15 +93,18 @@ def port_in_use(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_server(port: int, env: dict, app: str = "app.main:app") -> subprocess.Popen:
-    """`uvicorn app.main:app` as `make serve` and the image run it (no access log unless `env`
-    asks for one), ready to answer; `app` serves another ASGI app the same way."""
+def start_server(port: int, env: dict, peer: bool = False) -> subprocess.Popen:
+    """`python -m app` as `make serve` and the image run it, ready to answer; with `peer`,
+    `uvicorn bench.peer:app` (one process, no access log)."""
     # Another server on the port would answer our health checks and take our load.
     if port_in_use(port):
         raise SystemExit(f"port {port} is already in use (another benchmark running?)")
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
-           "--port", str(port)]  # fmt: skip
-    env = {"UVICORN_ACCESS_LOG": "false", **env}
+    if peer:
+        cmd = [sys.executable, "-m", "uvicorn", "bench.peer:app", "--host", "127.0.0.1",
+               "--port", str(port), "--no-access-log"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "app"]
+        env = {**env, "MOBILEVIT_HOST": "127.0.0.1", "MOBILEVIT_PORT": str(port)}
     # Its log goes to a file, as a container's goes to its log driver; shown if it fails to start.
     with tempfile.TemporaryFile() as log:  # the server keeps its own descriptor
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log,
@@ -180,6 +184,18 @@ def batch_totals(port: int) -> tuple[float, float]:
     return total("mobilevit_batch_size_sum"), total("mobilevit_batch_size_count")
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants, MB (from /proc)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/statm").read_text().split()
+        except OSError:
+            continue
+        total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total / 2**20
+
+
 def children_cpu() -> float:
     """CPU seconds of this process's children that have ended (wrk, once waited for)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -199,19 +215,64 @@ def connections_by_process(port: int) -> dict[int, int]:
     return counts
 
 
+def v2_bodies(kind: str, photos: list[Path], size: int, model: str, folder: Path) -> dict:
+    """wrk_bodies.lua's environment for one v2 request kind, one photo per request: "v2-uint8"
+    (pixels resized by the client, binary), "v2-bytes" (the JPEG file as BYTES, binary) or
+    "v2-json" (pixels as JSON numbers)."""
+    files, lengths = [], []
+    for i, photo in enumerate(photos):
+        data = photo.read_bytes()
+        if kind == "v2-bytes":
+            blob = struct.pack("<I", len(data)) + data
+            tensor = {"name": "image_bytes", "datatype": "BYTES", "shape": [1]}
+        else:
+            pixels = preprocess_bytes(data, size)[None]
+            blob = pixels.tobytes()
+            tensor = {"name": "images", "datatype": "UINT8", "shape": list(pixels.shape)}
+        if kind == "v2-json":
+            header, blob = (
+                json.dumps({"inputs": [{**tensor, "data": pixels.ravel().tolist()}]}),
+                b"",
+            )
+        else:
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            output = {"name": "probabilities", "parameters": {"binary_data": True}}
+            request = {"inputs": [tensor], "outputs": [output]}
+            header = json.dumps(request)
+        body = header.encode() + blob
+        files.append(folder / f"{kind}-{i}.body")
+        files[-1].write_bytes(body)
+        lengths.append(str(len(header.encode())) if blob else "-")
+    return {
+        "BENCH_BODIES": ";".join(map(str, files)),
+        "BENCH_HEADER_LENGTHS": ";".join(lengths),
+        "BENCH_PATH": f"/v2/models/{model}/infer",
+        "BENCH_CONTENT_TYPE": "application/json"
+        if kind == "v2-json"
+        else "application/octet-stream",
+    }
+
+
 def run_wrk(
-    port: int, clients: int, seconds: int, photos: list[Path], server: int | None = None
+    port: int,
+    clients: int,
+    seconds: int,
+    photos: list[Path],
+    server: int | None = None,
+    bodies: dict | None = None,
 ) -> dict:
     """wrk's figures, its own CPU ms per request (client_ms) and, with the `server` pid, the
-    server's (loop_ms, work_ms)."""
-    env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos)}
+    server's (loop_ms, work_ms). With `bodies` (v2_bodies), those requests instead of photos
+    posted to /predict."""
+    env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos), **(bodies or {})}
+    script = "wrk_bodies.lua" if bodies else "wrk_predict.lua"
     pids = process_tree(server) if server else []
     loop0, work0 = thread_cpu(pids)
     busy0, total0 = cpu_times()
     client0 = children_cpu()
     wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
-         "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{port}/predict"],
+         "-s", str(ROOT / "bench" / script), f"http://127.0.0.1:{port}/predict"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     time.sleep(min(1.0, seconds / 2))
@@ -243,36 +304,18 @@ def run_wrk(
 
 
 MODES = {
-    # uvicorn reads WEB_CONCURRENCY as --workers: one process (own GIL, own batcher) per core,
-    # each with 2 inference workers, so that a process holding most connections (the kernel
-    # does not spread them evenly) still uses both cores, and 2 host-wide inference slots, so
-    # that no more than 2 batches run at once.
-    "2proc": {
-        "WEB_CONCURRENCY": "2",
-        "MOBILEVIT_INFERENCE_WORKERS": "2",
-        "MOBILEVIT_DECODE_THREADS": "1",
-        "MOBILEVIT_INFERENCE_SLOTS": "2",
-    },
-    # One inference worker per process, no slots (the deployment before 2026-11-29).
-    "2proc-1w": {
-        "WEB_CONCURRENCY": "2",
-        "MOBILEVIT_INFERENCE_WORKERS": "1",
-        "MOBILEVIT_DECODE_THREADS": "1",
-    },
-    "1proc": {},  # the app's defaults: greedy batching, 2 workers x 1 thread
+    "service": {},  # python -m app: the shape derived from the CPUs, greedy batching
+    "peer": {},  # bench.peer: one request, one invoke, on every core
+    "2proc": {"MOBILEVIT_PROCESSES": "2"},
     "off": {"MOBILEVIT_MAX_BATCH_SIZE": "1"},
     "1x2": {"MOBILEVIT_INFERENCE_WORKERS": "1", "MOBILEVIT_INFERENCE_THREADS": "2"},
+    "2x1": {"MOBILEVIT_INFERENCE_THREADS": "1"},  # no many-thread interpreter for a lone request
+    "batch32": {"MOBILEVIT_MAX_BATCH_SIZE": "32"},
+    # The service, driven through v2 infer instead of /predict (see v2_bodies).
+    "v2-uint8": {},
+    "v2-bytes": {},
+    "v2-json": {},
 }
-# 2proc with uvicorn's access log on (a line per request; off in `make serve` and the image).
-MODES["2proc-log"] = {**MODES["2proc"], "UVICORN_ACCESS_LOG": "true"}
-# 2proc where a request alone on the host runs on both cores (shipped on 2026-11-29 for a few
-# hours; bench/lone_request.py shows why it is off).
-MODES["2proc-wide"] = {**MODES["2proc"], "MOBILEVIT_IDLE_INFERENCE_THREADS": "2"}
-# 2proc with a third process on the same two slots.
-MODES["3proc"] = {**MODES["2proc"], "WEB_CONCURRENCY": "3"}
-# 2proc serving bench/bare_service.py: the design's skeleton with the real work, no features.
-MODES["bare"] = MODES["2proc"]
-APPS = {"bare": "bench.bare_service:app"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,46 +325,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,4,16,64")
     p.add_argument("--seconds", type=int, default=5, help="wrk duration per round")
     p.add_argument("--rounds", type=int, default=3, help="ceiling + load rounds per cell")
-    p.add_argument("--ceiling-seconds", type=float, default=2.0, help="per ceiling loop shape")
+    p.add_argument("--ceiling-seconds", type=float, default=2.0, help="per ceiling round")
+    p.add_argument("--passes", type=int, default=2, help="the modes in order, then reversed, ...")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument(
-        "--modes", default="2proc,1proc,off", help=f"comma-separated, of {sorted(MODES)}"
-    )
+    p.add_argument("--modes", default="service,peer", help=f"comma-separated, of {sorted(MODES)}")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
 
-    card = load_model_card(args.model)
+    card = load_model_card(args.model, verify=False)
     artifact = card.artifact("tflite")
     photos = photo_files(args.photos, 64)
     blobs = [f.read_bytes() for f in photos]
     size = card.input.height
+    modes = args.modes.split(",")
+    order = [m for k in range(args.passes) for m in (modes if k % 2 == 0 else modes[::-1])]
     print(f"model {card.name} ({artifact.file}) at {size} px; {os.cpu_count()} CPUs; "
           f"{len(photos)} real JPEG photos; wrk -t1; each cell is {args.rounds} rounds of "
-          f"(ceiling, {args.seconds} s of load)")  # fmt: skip
-    print("ceiling: decode + resize + inference in-process on all cores; 'of ceiling' is mean "
-          "req/s over mean ceiling\nof the same rounds; p50 is the rounds' median, p99 their "
-          "worst\n")  # fmt: skip
-    print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"(ceiling, {args.seconds} s of load); order {','.join(order)}")  # fmt: skip
+    print("ceiling: one single-thread decode + resize + inference loop per core, summed; 'of "
+          "ceiling' is mean req/s over\nmean ceiling of the same rounds; p50 is the rounds' "
+          "median, p99 their worst\n")  # fmt: skip
+    print(f"{'mode':<9}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'ceiling':>9}{'of ceiling':>12}{'CPU busy':>10}"
-          f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}{'batch':>7}  busiest")  # fmt: skip
-    for mode in args.modes.split(","):
-        env = {**MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
+          f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}{'batch':>7}{'RSS MB':>8}")  # fmt: skip
+    for mode in order:
+        env = {**os.environ, **MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
                "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
-        metrics_dir = None
-        if "WEB_CONCURRENCY" in env:  # several processes: metrics summed through files
-            metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-                prefix="bench-metrics-"
-            )
-        server = start_server(args.port, env, APPS.get(mode, "app.main:app"))
+        peer = mode == "peer"
+        bodies = None
+        if mode.startswith("v2-"):
+            folder = Path(tempfile.mkdtemp(prefix="bench-v2-"))
+            bodies = v2_bodies(mode, photos, size, card.name, folder)
+        server = start_server(args.port, env, peer=peer)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
                 limits, runs = [], []
                 for _ in range(args.rounds):
                     limits.append(ceiling(args.model, artifact, blobs, size, args.ceiling_seconds))
-                    images0, calls0 = batch_totals(args.port)
-                    runs.append(run_wrk(args.port, clients, args.seconds, photos, server.pid))
-                    images1, calls1 = batch_totals(args.port)
+                    images0, calls0 = (0.0, 0.0) if peer else batch_totals(args.port)
+                    runs.append(
+                        run_wrk(args.port, clients, args.seconds, photos, server.pid, bodies)
+                    )
+                    images1, calls1 = (0.0, 0.0) if peer else batch_totals(args.port)
                     runs[-1]["batch"] = (images1 - images0) / max(1.0, calls1 - calls0)
                 rps, limit = np.mean([r["rps"] for r in runs]), np.mean(limits)
                 p50 = np.median([r["p50"] for r in runs])
@@ -330,17 +376,16 @@ def main(argv: list[str] | None = None) -> int:
                 busy = np.mean([r["busy"] for r in runs])
                 cpu = ("loop_ms", "work_ms", "client_ms")
                 loop_ms, work_ms, wrk_ms = (np.mean([r[k] for r in runs]) for k in cpu)
-                busiest = ",".join(str(r["most_conns"]) for r in runs)
-                batch = np.mean([r["batch"] for r in runs])
-                print(f"{mode:<10}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
+                batch = "-" if peer else f"{np.mean([r['batch'] for r in runs]):.1f}"
+                print(f"{mode:<9}{clients:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}"
                       f"{limit:>9.1f}{rps / limit:>12.2f}{busy:>10.0%}{loop_ms:>9.2f}"
-                      f"{work_ms:>9.2f}{wrk_ms:>8.2f}{batch:>7.1f}  {busiest}",
+                      f"{work_ms:>9.2f}{wrk_ms:>8.2f}{batch:>7}{rss_mb(server.pid):>8.0f}",
                       flush=True)  # fmt: skip
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
-            if metrics_dir:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+            if bodies:
+                shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

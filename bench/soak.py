@@ -2,8 +2,8 @@
 
     python -m bench.soak --model models/flowers-mobilevit-xxs
 
-The server runs as `--mode` of bench.serve: by default "2proc", the deployment `make serve` and
-the Docker image run. Soak: about --requests requests from 32 concurrent wrk clients with real
+The server runs as `--mode` of bench.serve: by default "service", what `make serve` and the
+Docker image run. Soak: about --requests requests from 32 concurrent wrk clients with real
 photos, in slices; prints errors and the resident memory of all the server's processes
 together, after warm-up and at the end (growth must stay under 10%). Overload: normal load,
 then --overload-clients clients against a small queue (per process) for 20 s (503 +
@@ -13,9 +13,7 @@ Retry-After share), then normal load again to show latency recovers.
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 from bench.serve import (
@@ -50,15 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--overload-clients", type=int, default=256)
     p.add_argument("--port", type=int, default=8766)
-    p.add_argument("--mode", default="2proc", choices=sorted(MODES))
+    p.add_argument("--mode", default="service", choices=sorted(set(MODES) - {"peer"}))
     args = p.parse_args(argv)
     photos = photo_files(args.photos, 64)
     env = {**MODES[args.mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
            "MOBILEVIT_QUEUE_LIMIT": "64"}  # fmt: skip
-    metrics_dir = None
-    if "WEB_CONCURRENCY" in env:  # several processes: metrics summed through files
-        metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="soak-metrics-")
-
     server = start_server(args.port, env)
     try:
         warm = run_wrk(args.port, args.clients, 5, photos)
@@ -94,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -31,8 +31,11 @@ ERROR_KEYS = {"error", "status", "code"}
 
 
 def wrap_replicas(monkeypatch, batcher, wrap: Callable[[Callable], Callable]) -> None:
-    """Swap every inference worker's predict for `wrap(real predict)` (undone by monkeypatch)."""
+    """Swap every inference worker's predict, and the lone request's, for `wrap(real predict)`
+    (undone by monkeypatch)."""
     monkeypatch.setattr(batcher, "_replicas", [wrap(real) for real in batcher._replicas])
+    if batcher._lone is not None:
+        monkeypatch.setattr(batcher, "_lone", wrap(batcher._lone))
 
 
 def make_settings(model_dir: Path, fmt: str = "tflite", **overrides) -> Settings:
@@ -174,6 +177,13 @@ def server_env(model_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def uvicorn_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-            "--port", str(port)]  # fmt: skip
+def server_command(port: int) -> list[str]:
+    """`python -m app` (what make serve and the image run) on `port` of 127.0.0.1."""
+    return [
+        "env",
+        f"MOBILEVIT_PORT={port}",
+        "MOBILEVIT_HOST=127.0.0.1",
+        sys.executable,
+        "-m",
+        "app",
+    ]

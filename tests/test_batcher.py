@@ -352,3 +352,36 @@ async def test_forced_close_fails_running_and_queued_batches():
         assert all(isinstance(f.exception(), Overloaded) for f in futures)
     finally:
         gate.set()  # let the stuck threads finish
+
+
+async def test_a_lone_request_runs_on_the_wide_predict_holding_every_worker():
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def narrow(images):
+        calls.append(f"narrow{len(images)}")
+        return np.zeros((len(images), 2), np.float32)
+
+    def wide(images):
+        calls.append(f"wide{len(images)}")
+        gate.wait(5)
+        return np.ones((len(images), 2), np.float32)
+
+    in_flight = {"n": 1}
+    batcher = Batcher([narrow, narrow], max_batch_size=4, max_wait_s=0, lone=wide,
+                      alone=lambda: in_flight["n"] <= 1)  # fmt: skip
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.predict_many([np.zeros((2, 2, 3))]))
+        await asyncio.sleep(0.05)
+        assert calls == ["wide1"]
+        # Arriving while it runs: waits for it (every worker is held), then runs narrow.
+        in_flight["n"] = 3
+        second = asyncio.ensure_future(batcher.predict_many([np.zeros((2, 2, 3))] * 2))
+        await asyncio.sleep(0.05)
+        assert calls == ["wide1"]
+        gate.set()
+        assert (await first)[0][0] == 1.0 and (await second)[0][0] == 0.0
+        assert calls == ["wide1", "narrow2"] and batcher.stats.lone_batches == 1
+    finally:
+        await batcher.close()

@@ -4,30 +4,11 @@ import importlib
 import re
 
 import httpx
-import numpy as np
 import pytest
 
 from bench.batch_cost import main as batch_cost
 from bench.batch_cost import recommended_batch
-from bench.p99_ab import bootstrap_diff
-from tests.serving_helpers import Lifespan, image_bytes
-
-
-def test_bootstrap_interval_holds_zero_for_the_same_distribution():
-    rng = np.random.default_rng(0)
-    on, off = rng.gamma(4.0, 2.0, size=(2, 4000))
-    diff, low, high = bootstrap_diff(on, off, 99, rounds=500, seed=0)
-    assert low <= diff <= high
-    assert low < 0 < high
-
-
-def test_bootstrap_interval_finds_a_real_shift():
-    rng = np.random.default_rng(1)
-    off = rng.gamma(4.0, 2.0, size=4000)
-    on = off + 1.0  # every request 1 ms slower
-    diff, low, high = bootstrap_diff(on, off, 50, rounds=500, seed=0)
-    assert diff == np.float64(np.percentile(on, 50) - np.percentile(off, 50))
-    assert 0.9 < low <= diff <= high < 1.1
+from tests.serving_helpers import image_bytes
 
 
 def test_recommended_batch_is_the_largest_within_tolerance_of_the_best():
@@ -53,23 +34,15 @@ def test_batch_cost_runs_every_batch_size(tiny_model_dir, photo_dir, capsys):
 
 
 @pytest.mark.anyio
-async def test_the_bare_service_classifies_through_the_real_batcher(tiny_model_dir, monkeypatch):
-    # bench.serve's "bare" mode: /predict without the app's features; the rest is the real app.
+async def test_the_peer_classifies_like_the_service(tiny_model_dir, monkeypatch):
+    # bench.serve's "peer": one request, one invoke; the same labels as the service.
     monkeypatch.setenv("MOBILEVIT_MODEL_DIR", str(tiny_model_dir))
-    import bench.bare_service as bare
+    import bench.peer as peer
 
-    bare = importlib.reload(bare)  # its app reads the settings at import
-    lifespan = Lifespan(bare.app)
-    await lifespan.startup()
-    try:
-        transport = httpx.ASGITransport(app=bare.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            assert (await client.get("/health")).status_code == 200
-            ok = await client.post("/predict", content=image_bytes("red"))
-            broken = await client.post("/predict", content=b"not an image")
-            metrics = (await client.get("/metrics")).text
-    finally:
-        await lifespan.shutdown()
-    assert ok.status_code == 200 and ok.json()["label"] == "red"
-    assert broken.status_code == 400
-    assert "mobilevit_batch_size_count 1.0" in metrics  # counted by the real batcher
+    peer = importlib.reload(peer)  # its app reads the model at import
+    transport = httpx.ASGITransport(app=peer.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/health")).status_code == 200
+        answers = [(await client.post("/predict", content=image_bytes(c))).json()["label"]
+                   for c in ("red", "green", "blue")]  # fmt: skip
+    assert answers == ["red", "green", "blue"]

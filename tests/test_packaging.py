@@ -55,7 +55,7 @@ def test_dockerfile_runs_as_non_root_with_healthcheck():
     runtime = _runtime_stage()
     assert re.search(r"^USER 1000$", runtime, re.M)
     assert "HEALTHCHECK" in runtime and "/health" in runtime
-    assert image_cmd()[:2] == ["uvicorn", "app.main:app"]
+    assert image_cmd() == ["python", "-m", "app"]
     assert "COPY models/ models/" in runtime
 
 
@@ -100,22 +100,23 @@ def _metric(text: str, line_start: str) -> float:
 
 
 def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
-    """WORKDIR /srv holds app/, contract/ and models/ (the image's COPY lines); run CMD with the image's ENV (port and metrics dir
-    swapped): its uvicorn processes all answer, and /metrics counts the requests of all of them."""
+    """WORKDIR /srv holds app/, contract/ and models/ (the image's COPY lines); run CMD with the
+    image's ENV (port swapped, two processes asked for, as a 5-CPU pod would derive): its uvicorn
+    processes all answer, and /metrics counts the requests of all of them."""
     srv = tmp_path / "srv"
     for package in ("app", "contract"):
         assert f"COPY {package}/ {package}/" in (ROOT / "Dockerfile").read_text()
         shutil.copytree(ROOT / package, srv / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_model_dir, srv / "models" / "tiny")
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / image_cmd()[0]), *image_cmd()[1:]]
-    cmd[cmd.index("--port") + 1] = str(port)
+    cmd = [sys.executable, *image_cmd()[1:]]
     metrics_dir = tmp_path / "metrics"
+    processes = 2
     env = {**os.environ, **image_env(), "MOBILEVIT_MODEL_DIR": str(srv / "models" / "tiny"),
-           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}  # fmt: skip
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "MOBILEVIT_PORT": str(port),
+           "MOBILEVIT_PROCESSES": str(processes)}  # fmt: skip
     env.pop("PYTHONPATH", None)
-    assert "MOBILEVIT_MODEL_DIR" in image_env()
-    processes = int(image_env().get("WEB_CONCURRENCY", "1"))
+    assert {"MOBILEVIT_MODEL_DIR", "MOBILEVIT_HOST", "MOBILEVIT_PORT"} <= set(image_env())
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(cmd, cwd=srv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -152,7 +153,7 @@ def test_image_command_serves_a_model(tiny_model_dir, photo_dir, tmp_path):
         proc.wait(30)
     log = proc.stdout.read().decode()
     assert "Application startup complete" in log
-    assert "POST /predict" not in log  # no access log line per request (UVICORN_ACCESS_LOG)
+    assert "POST /predict" not in log  # no access log line per request (ACCESS_LOG)
     assert _metric(text, requests) == sent
     assert _metric(text, "mobilevit_images_classified_total") == sent
     assert _metric(text, "mobilevit_ready ") == 1.0

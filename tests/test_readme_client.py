@@ -1,4 +1,4 @@
-"""The README's httpx client (`classify.py`) runs as printed against a real uvicorn server."""
+"""The README's httpx client (`classify.py`) runs as printed against a real `python -m app`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from tests.serving_helpers import (
     REPO,
     free_port,
     metric_value,
+    server_command,
     server_env,
-    uvicorn_command,
 )
 
 
@@ -36,7 +36,7 @@ def test_readme_client_classifies_every_photo_through_busy_answers(
     port = free_port()
     env = server_env(tiny_model_dir, max_upload_bytes=str(largest),
                      max_inflight_upload_bytes=str(2 * largest))  # fmt: skip
-    server = subprocess.Popen(uvicorn_command(port), cwd=REPO, env=env,
+    server = subprocess.Popen(server_command(port), cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:

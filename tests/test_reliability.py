@@ -12,9 +12,11 @@ the very app that was overloaded, timed out, failed and refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -45,8 +47,8 @@ from tests.serving_helpers import (
     make_settings,
     metric_value,
     serve,
+    server_command,
     server_env,
-    uvicorn_command,
 )
 
 pytest_plugins = ["tests.serving_fixtures"]
@@ -198,7 +200,7 @@ async def test_sigterm_finishes_in_flight_requests_then_exits(colour_model_dir, 
     env = server_env(colour_model_dir, max_batch_wait_ms="4000", max_batch_size="8")
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            uvicorn_command(port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            server_command(port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     base = f"http://127.0.0.1:{port}"
     colours = ["red", "green", "blue", "red"]
@@ -512,7 +514,7 @@ def test_uvicorn_refuses_a_broken_model_dir(colour_model_dir, tmp_path, problem)
         card_path.write_text(json.dumps(card))
         needle, reason = str(tflite), "cannot be loaded"
     result = subprocess.run(
-        uvicorn_command(free_port()),
+        server_command(free_port()),
         cwd=REPO,
         env=server_env(model_dir),
         capture_output=True,
@@ -522,6 +524,91 @@ def test_uvicorn_refuses_a_broken_model_dir(colour_model_dir, tmp_path, problem)
     assert result.returncode != 0
     assert needle in result.stderr and reason in result.stderr, result.stderr[-2000:]
     assert "Application startup failed" in result.stderr
+
+
+# ---- 5b. a worker that dies ------------------------------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """uvicorn's worker processes under `pid` (not multiprocessing's resource tracker)."""
+    found = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(child))
+    return found
+
+
+def _answered_by(metrics_dir: Path, pid: int) -> float:
+    """POST /predict 200s counted in one process's own value file."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    alone = metrics_dir.parent / f"only-{pid}"
+    shutil.rmtree(alone, ignore_errors=True)
+    alone.mkdir()
+    shutil.copy(metrics_dir / f"counter_{pid}.db", alone)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(alone))
+    text = generate_latest(registry).decode()
+    return metric_value(text, "mobilevit_http_requests_total", route="/predict", status="200")
+
+
+def test_metrics_totals_survive_a_killed_worker(colour_model_dir, tmp_path):
+    """uvicorn replaces a worker killed with SIGKILL; the counts it had made stay in /metrics,
+    so the total equals the requests answered, before and after."""
+    port, log = free_port(), tmp_path / "server.log"
+    metrics_dir = tmp_path / "metrics"
+    env = {
+        **server_env(colour_model_dir, processes="2"),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    base = f"http://127.0.0.1:{port}"
+    photo = image_bytes("red")
+
+    def send(count: int) -> None:
+        for _ in range(count):  # a new connection each: the kernel spreads them over processes
+            headers = {"Content-Type": "image/jpeg", "Connection": "close"}
+            response = httpx.post(f"{base}/predict", content=photo, headers=headers, timeout=30)
+            assert response.status_code == 200
+
+    def counted() -> float:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        return metric_value(text, "mobilevit_http_requests_total", route="/predict", status="200")
+
+    def wait_for(condition, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with open(log, "wb") as out:
+        server = subprocess.Popen(server_command(port), cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: ready() and len(_children(server.pid)) == 2)
+        time.sleep(3)  # both workers up, not only the first to answer
+        send(40)
+        workers = _children(server.pid)
+        victim = max(workers, key=lambda pid: _answered_by(metrics_dir, pid))
+        assert _answered_by(metrics_dir, victim) > 0
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(_children(server.pid) - {victim}) == 2 and ready())
+        time.sleep(3)  # the replacement has started (and looked at the dead one's files)
+        send(20)
+        assert counted() == 60
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        assert metric_value(text, "mobilevit_images_classified_total") == 60
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 # ---- 6. auth ---------------------------------------------------------------------------------

@@ -71,8 +71,13 @@ def test_settings_defaults_and_environment(monkeypatch):
         0,
         256,
     )
-    assert (settings.inference_workers, settings.inference_threads) == (2, 1)
-    assert settings.decode_threads == 2
+    assert (settings.processes, settings.inference_workers, settings.inference_threads) == (
+        None,
+        None,
+        None,
+    )
+    assert settings.decode_threads is None and settings.cors_origins == []
+    assert (settings.host, settings.port, settings.access_log) == ("127.0.0.1", 8000, False)
     assert settings.max_upload_bytes == 10 * 1024 * 1024
     assert settings.max_inflight_upload_bytes == 256 * 1024 * 1024
     assert (settings.max_image_pixels, settings.max_files) == (40_000_000, 16)
@@ -88,6 +93,10 @@ def test_settings_defaults_and_environment(monkeypatch):
     assert "hunter2" not in repr(settings)
     monkeypatch.setenv("MOBILEVIT_API_KEY", "")
     assert Settings().api_key is None
+    monkeypatch.setenv("MOBILEVIT_CORS_ORIGINS", "https://a.example, http://localhost:3000")
+    assert Settings().cors_origins == ["https://a.example", "http://localhost:3000"]
+    monkeypatch.setenv("PORT", "8080")  # KServe's convention
+    assert Settings().port == 8080
     monkeypatch.setenv("MOBILEVIT_MODEL_FORMAT", "onnx")
     with pytest.raises(ValueError):
         Settings()
@@ -246,26 +255,22 @@ async def test_metrics(served):
     assert 'format="' + served.fmt + '"' in text
 
 
-async def test_predict_answers_alike_on_the_fast_path_and_through_the_router(served):
-    # POST /predict skips FastAPI's middleware (ServiceApp.fast_path); under a root path it goes
-    # through the router to the same endpoint. Either way: the same answer, counted once.
+async def test_predict_under_a_root_path_is_answered_and_counted_once(served):
     def predicted(text: str) -> float:
         return metric_value(text, "mobilevit_http_requests_total", route="/predict", status="200")
 
     before = predicted((await served.client.get("/metrics")).text)
-    fast = await predict_files(served, jpeg_part("red"), jpeg_part("blue"), top_k=2)
+    direct = await predict_files(served, jpeg_part("red"), jpeg_part("blue"), top_k=2)
     transport = httpx.ASGITransport(app=served.app, root_path="/api")
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as routed_client:
-        assert not served.app.fast_path.handles({"type": "http", "method": "POST",
-                                                 "path": "/api/predict"})  # fmt: skip
         routed = await routed_client.post(
             "/api/predict", files=[jpeg_part("red"), jpeg_part("blue")], params={"top_k": 2}
         )
         broken = await routed_client.post(
             "/api/predict", content=b"not an image", headers={"Content-Type": "image/jpeg"}
         )
-    assert fast.status_code == routed.status_code == 200
-    assert [p["top_k"] for p in fast.json()["predictions"]] == [
+    assert direct.status_code == routed.status_code == 200
+    assert [p["top_k"] for p in direct.json()["predictions"]] == [
         p["top_k"] for p in routed.json()["predictions"]
     ]
     assert_error(broken, 400, "bad_request")
@@ -670,23 +675,24 @@ def test_uvicorn_exits_non_zero_naming_the_file(tiny_model_dir, tmp_path, proble
     assert "Application startup failed" in result.stderr
 
 
-def test_metrics_dir_keeps_live_processes_files_only(tmp_path):
-    """Several server processes share PROMETHEUS_MULTIPROC_DIR; a restart must not add up the
-    counts of processes that are gone, nor drop those of processes still running."""
-    from app.metrics import remove_dead_process_files
+def test_a_dead_process_keeps_its_counts_but_not_its_live_gauges(tmp_path):
+    """Several server processes share PROMETHEUS_MULTIPROC_DIR; a process replacing a dead one
+    must not make totals go backwards, nor keep the dead one's ready/queue gauges in the sum."""
+    from app.metrics import clear_directory, forget_dead_processes_gauges
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     live = [os.getpid(), os.getppid()]
+    kinds = ("counter", "histogram", "gauge_livesum", "gauge_livemin")
     for pid in [gone.pid, *live]:
-        for kind in ("counter", "histogram", "gauge_livesum"):
+        for kind in kinds:
             (tmp_path / f"{kind}_{pid}.db").write_bytes(b"")
-    (tmp_path / "notes.db").write_bytes(b"")  # not a value file: left alone
-    remove_dead_process_files(tmp_path)
+    forget_dead_processes_gauges(tmp_path)
     left = sorted(f.name for f in tmp_path.iterdir())
-    expected = [
-        f"{kind}_{pid}.db" for pid in live for kind in ("counter", "histogram", "gauge_livesum")
-    ]
-    assert left == sorted([*expected, "notes.db"])
-    remove_dead_process_files(tmp_path / "new")  # a missing directory is created
+    expected = [f"{kind}_{pid}.db" for pid in live for kind in kinds]
+    expected += [f"counter_{gone.pid}.db", f"histogram_{gone.pid}.db"]
+    assert left == sorted(expected)
+    clear_directory(tmp_path)  # a new service instance
+    assert not list(tmp_path.iterdir())
+    forget_dead_processes_gauges(tmp_path / "new")  # a missing directory is created
     assert (tmp_path / "new").is_dir()

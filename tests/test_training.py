@@ -201,3 +201,47 @@ def test_init_from_an_exported_model_directory(tiny_model_dir, tiny_run, photo_d
         shutil.copytree(photo_dir / label, two_classes / label)
     assert main(["--data", str(two_classes), "--run-dir", str(tmp_path / "bad"), "--image-size",
                  str(TINY_SIZE), "--init-from", str(tiny_model_dir)]) == 2  # fmt: skip
+
+
+def test_trivial_augment_ops_keep_the_image_size():
+    from PIL import Image
+
+    from training.data import TRIVIAL_OPS
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8))
+    for name, (op, top, _) in TRIVIAL_OPS.items():
+        out = op(image, top * 0.5)
+        assert out.size == image.size and out.mode == "RGB", name
+
+
+def test_random_erasing_replaces_one_box():
+    from training.data import random_erase
+
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    erased = random_erase(pixels, rng, p=1.0)
+    changed = np.argwhere(erased.any(axis=2))
+    assert len(changed) > 0 and not pixels.any()  # a copy: the source is untouched
+    rows, cols = changed[:, 0], changed[:, 1]
+    assert erased[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].any(axis=2).mean() > 0.9
+    assert random_erase(pixels, rng, p=0.0) is pixels
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixed_batches_keep_soft_labels_in_proportion(mixup, cutmix):
+    from training.data import MixBatch
+
+    rng = np.random.default_rng(3)
+    x = np.stack([np.full((16, 16, 3), 10.0 * i, np.float32) for i in range(8)])
+    y = np.eye(8, dtype=np.float32)
+    mixed_x, mixed_y = MixBatch(mixup, cutmix)(x, y, rng)
+    np.testing.assert_allclose(mixed_y.sum(axis=1), 1.0, atol=1e-6)
+    # Each photo's share of its own label is the share of its own pixel value it kept.
+    for i in range(8):
+        own = mixed_y[i, i]
+        assert 0.0 <= own <= 1.0
+        if own < 1.0:
+            other = int(np.argmax(np.where(np.arange(8) == i, -1, mixed_y[i])))
+            expected = own * 10.0 * i + (1 - own) * 10.0 * other
+            assert mixed_x[i].mean() == pytest.approx(expected, abs=1e-3)
+    assert MixBatch()(x, y, rng)[0] is x

@@ -37,7 +37,7 @@ async def test_server_health_and_metadata(served):
     client = served.client
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
-    assert (await client.get("/v2")).json()["extensions"] == []
+    assert (await client.get("/v2")).json()["extensions"] == ["binary_tensor_data"]
     response = await client.get(f"/v2/models/{MODEL}")
     assert response.status_code == 200
     meta = response.json()
@@ -46,7 +46,10 @@ async def test_server_health_and_metadata(served):
         "name": MODEL,
         "versions": [version],
         "platform": "tflite" if served.fmt == "tflite" else "tensorflow_savedmodel",
-        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 64, 64, 3]}],
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": [-1, 64, 64, 3]},
+            {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
+        ],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}],
     }
     assert (await client.get(f"/v2/models/{MODEL}/versions/{version}")).json() == meta

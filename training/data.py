@@ -20,7 +20,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from contract.card import ArtifactError, load_model_card, verify_split
 from contract.preprocess import ImageError, load_bounded, load_rgb, resize_for_model
@@ -193,14 +193,76 @@ def recorded_split(source: Path, paths: Sequence[str]) -> tuple[np.ndarray, np.n
     return read_split(split_file_of(source), paths)
 
 
+def _shear(image: Image.Image, m: float, axis: int) -> Image.Image:
+    coeffs = (1, m, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, m, 1, 0)
+    return image.transform(image.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+
+
+def _translate(image: Image.Image, m: float, axis: int) -> Image.Image:
+    shift = m * image.size[axis]
+    coeffs = (1, 0, shift, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, shift)
+    return image.transform(image.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+
+
+#: TrivialAugment's "wide" operations (Müller & Hutter 2021): name -> (op(image, m), magnitude
+#: range). Signed operations flip the sign of m at random.
+TRIVIAL_OPS: dict[str, tuple[Callable[[Image.Image, float], Image.Image], float, bool]] = {
+    "identity": (lambda im, m: im, 0.0, False),
+    "autocontrast": (lambda im, m: ImageOps.autocontrast(im), 0.0, False),
+    "equalize": (lambda im, m: ImageOps.equalize(im), 0.0, False),
+    "rotate": (lambda im, m: im.rotate(m, resample=Image.Resampling.BILINEAR), 135.0, True),
+    "solarize": (lambda im, m: ImageOps.solarize(im, 256 - int(m)), 256.0, False),
+    "color": (lambda im, m: ImageEnhance.Color(im).enhance(1 + m), 0.99, True),
+    "contrast": (lambda im, m: ImageEnhance.Contrast(im).enhance(1 + m), 0.99, True),
+    "brightness": (lambda im, m: ImageEnhance.Brightness(im).enhance(1 + m), 0.99, True),
+    "sharpness": (lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + m), 0.99, True),
+    "posterize": (lambda im, m: ImageOps.posterize(im, 8 - int(m)), 6.0, False),
+    "shear_x": (lambda im, m: _shear(im, m, 0), 0.99, True),
+    "shear_y": (lambda im, m: _shear(im, m, 1), 0.99, True),
+    "translate_x": (lambda im, m: _translate(im, m, 0), 0.32, True),
+    "translate_y": (lambda im, m: _translate(im, m, 1), 0.32, True),
+}
+
+
+def trivial_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One operation, chosen uniformly, at a uniformly random magnitude."""
+    name = list(TRIVIAL_OPS)[rng.integers(len(TRIVIAL_OPS))]
+    op, top, signed = TRIVIAL_OPS[name]
+    magnitude = rng.uniform(0, top)
+    if signed and rng.random() < 0.5:
+        magnitude = -magnitude
+    return op(image, magnitude)
+
+
+def random_erase(pixels: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+    """With probability `p`, replace one random box (2-33% of the area, aspect 0.3-3.3) with
+    noise (Zhong et al. 2020, timm's `RandomErasing` in pixel mode)."""
+    if p <= 0 or rng.random() >= p:
+        return pixels
+    height, width, _ = pixels.shape
+    for _ in range(10):
+        area = height * width * rng.uniform(0.02, 1 / 3)
+        ratio = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < h < height and 0 < w < width:
+            top, left = rng.integers(0, height - h), rng.integers(0, width - w)
+            pixels = pixels.copy()
+            pixels[top : top + h, left : left + w] = rng.integers(0, 256, (h, w, 3), np.uint8)
+            return pixels
+    return pixels
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Random-resized crop + horizontal flip (+ optional colour jitter), ml-cvnets style."""
+    """Random-resized crop + horizontal flip (+ colour jitter, TrivialAugment, random erasing),
+    ml-cvnets / timm style."""
 
     size: int
     min_scale: float = 0.25
     max_ratio: float = 4 / 3
     color_jitter: float = 0.0
+    trivial: bool = False
+    erase: float = 0.0
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         width, height = image.size
@@ -220,7 +282,38 @@ class Augment:
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 factor = rng.uniform(1 - self.color_jitter, 1 + self.color_jitter)
                 out = enhance(out).enhance(factor)
-        return np.asarray(out, dtype=np.uint8)
+        if self.trivial:
+            out = trivial_augment(out, rng)
+        return random_erase(np.asarray(out, dtype=np.uint8), rng, self.erase)
+
+
+@dataclass(frozen=True)
+class MixBatch:
+    """Mixup (alpha `mixup`) or CutMix (alpha `cutmix`) on a whole batch, one of them at random
+    when both are on (timm's `Mixup`); labels are mixed in proportion to the pixels."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
+        choices = [k for k, alpha in (("mixup", self.mixup), ("cutmix", self.cutmix)) if alpha > 0]
+        if not choices:
+            return x, y
+        kind = choices[rng.integers(len(choices))]
+        lam = float(rng.beta(getattr(self, kind), getattr(self, kind)))
+        order = rng.permutation(len(x))
+        if kind == "mixup":
+            x = lam * x + (1 - lam) * x[order]
+        else:
+            height, width = x.shape[1:3]
+            h, w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+            cy, cx = rng.integers(0, height), rng.integers(0, width)
+            top, bottom = max(0, cy - h // 2), min(height, cy + h // 2)
+            left, right = max(0, cx - w // 2), min(width, cx + w // 2)
+            x = x.copy()
+            x[:, top:bottom, left:right] = x[order, top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / (height * width)
+        return x, lam * y + (1 - lam) * y[order]
 
 
 def eval_arrays(dataset: Dataset, size: int) -> np.ndarray:
@@ -238,10 +331,12 @@ class PhotoBatches(keras.utils.PyDataset):
         transform: Callable[[Image.Image, np.random.Generator], np.ndarray],
         seed: int,
         epoch: int = 0,
+        mix: MixBatch | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dataset, self.batch_size, self.transform = dataset, batch_size, transform
+        self.mix = mix or MixBatch()
         self.seed, self.epoch = seed, epoch
         self.num_classes = len(dataset.class_names)
         self._order = self._shuffled()
@@ -258,7 +353,7 @@ class PhotoBatches(keras.utils.PyDataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         x = np.stack([self.transform(self.dataset.images[i], rng) for i in ids]).astype(np.float32)
         y = keras.utils.to_categorical(self.dataset.labels[ids], self.num_classes)
-        return x, y
+        return self.mix(x, y, rng)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

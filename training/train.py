@@ -32,6 +32,7 @@ from training.data import (
     Augment,
     DataError,
     Dataset,
+    MixBatch,
     PhotoBatches,
     eval_arrays,
     load_folder,
@@ -52,8 +53,11 @@ log = logging.getLogger("training.train")
 RECIPE_KEYS = (
     "data", "tfds", "variant", "image_size", "epochs", "batch_size", "lr", "weight_decay",
     "warmup_epochs", "label_smoothing", "min_scale", "color_jitter", "ema", "ema_momentum",
-    "val_fraction", "seed", "precision", "transformer_dropout", "init_from",
+    "val_fraction", "seed", "precision", "transformer_dropout", "init_from", "augment",
+    "random_erasing", "mixup", "cutmix",
 )  # fmt: skip
+#: What a run recorded before an option existed ran without it.
+RECIPE_DEFAULTS = {"augment": "basic", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop min area")
     p.add_argument("--color-jitter", type=float, default=0.2, help="0 disables colour jitter")
+    p.add_argument(
+        "--augment",
+        default="basic",
+        choices=["basic", "trivial"],
+        help="basic: crop, flip, colour jitter; trivial: plus one TrivialAugment op per photo",
+    )
+    p.add_argument("--random-erasing", type=float, default=0.0, help="probability per photo")
+    p.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha; 0 off (e.g. 0.2)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha; 0 off (e.g. 1.0)")
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
@@ -380,7 +393,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         if not (run_dir / "last.keras").exists():
             raise DataError(f"nothing to resume: {run_dir / 'last.keras'} does not exist")
-        cfg = json.loads(config_path.read_text())
+        cfg = {**RECIPE_DEFAULTS, **json.loads(config_path.read_text())}
         if args.epochs and args.epochs != cfg["epochs"]:
             log.info("re-planning the schedule: %d -> %d epochs", cfg["epochs"], args.epochs)
             cfg["epochs"] = args.epochs
@@ -429,9 +442,16 @@ def train(args: argparse.Namespace) -> dict:
     batches = PhotoBatches(
         train_set,
         cfg["batch_size"],
-        Augment(cfg["image_size"], cfg["min_scale"], color_jitter=cfg["color_jitter"]),
+        Augment(
+            cfg["image_size"],
+            cfg["min_scale"],
+            color_jitter=cfg["color_jitter"],
+            trivial=cfg["augment"] == "trivial",
+            erase=cfg["random_erasing"],
+        ),
         seed=cfg["seed"],
         epoch=initial_epoch,
+        mix=MixBatch(cfg["mixup"], cfg["cutmix"]),
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
