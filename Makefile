@@ -9,7 +9,7 @@ RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
 EXPORT_DIR ?= models/$(notdir $(RUN))
 
-.PHONY: serve test test-slow lint format train export evaluate bench install install-dev lock clean
+.PHONY: serve test test-slow lint format train export evaluate bench install install-dev lock clean browser
 
 # Serving dependencies only: numpy, Pillow, FastAPI, LiteRT (no TensorFlow). Every package at
 # the version in constraints.txt (`make lock`), the set the tests last passed with.
@@ -34,7 +34,15 @@ install-dev: $(VENV)/.dev
 serve: $(VENV)/.serve
 	MOBILEVIT_HOST=$(HOST) MOBILEVIT_PORT=$(PORT) $(PY) -m app
 
-test: $(VENV)/.dev
+# The demo page's tests drive Debian's Chromium; installed here when possible (root), else they
+# skip and say why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "chromium not installed: the browser tests will skip"
+
+test: $(VENV)/.dev browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -m "not slow"
