@@ -71,11 +71,15 @@ def version_at(port: int) -> str:
         return json.loads(r.read())["version"]
 
 
-def replace(name: str, replicas: dict, model_dir: Path, socket_path: Path, pause: float) -> None:
-    """One replica replaced as Kubernetes replaces a pod."""
+def replace(
+    name: str, replicas: dict, model_dir: Path, socket_path: Path, pause: float, drain: bool
+) -> None:
+    """One replica replaced as Kubernetes replaces a pod (without `drain`: SIGTERM at once,
+    still in the endpoints, as a pod without a preStop pause would be)."""
     port, proc = replicas[name]
-    haproxy_command(socket_path, f"set server replicas/{name} state maint")  # endpoint removed
-    time.sleep(pause)  # preStop
+    if drain:
+        haproxy_command(socket_path, f"set server replicas/{name} state maint")  # endpoint removed
+        time.sleep(pause)  # preStop
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     env = {"MOBILEVIT_MODEL_DIR": str(model_dir)}
@@ -108,15 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--pause", type=float, default=2.0, help="preStop seconds")
+    p.add_argument(
+        "--no-drain",
+        action="store_true",
+        help="the control: SIGTERM while still in the endpoints, no preStop pause",
+    )
     args = p.parse_args(argv)
     for tool in ("haproxy", "wrk"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found: apt-get install {tool}")
     photos = photo_files(args.photos, 32)
     model = args.model.resolve()
+    steps = "SIGTERM, start, ready" if args.no_drain else f"maint, {args.pause:g} s preStop, " \
+        "SIGTERM, start, ready"  # fmt: skip
     print(f"2 replicas of {model.name} behind haproxy (retries 0), wrk -c{args.clients} through "
-          f"it; each replica replaced in turn (maint, {args.pause:g} s preStop, SIGTERM, start, "
-          "ready)\n")  # fmt: skip
+          f"it; each replica replaced in turn ({steps})\n")  # fmt: skip
     print(f"{'rollout':<26}{'requests':>9}{'non-2xx':>9}{'socket errors':>15}  version after")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 time.sleep(3)
                 for name in ports:
-                    replace(name, replicas, target, socket_path, args.pause)
+                    replace(name, replicas, target, socket_path, args.pause, not args.no_drain)
                 out, err = wrk.communicate()
                 if wrk.returncode != 0:
                     raise SystemExit(f"wrk failed: {err}")
