@@ -39,6 +39,12 @@ def write_photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Every async test runs on asyncio, the loop uvicorn serves on."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """blue/, green/, red/ folders of JPEG photos."""
     return write_photo_folder(tmp_path_factory.mktemp("photos"), per_class=20)

@@ -397,13 +397,13 @@ def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
 
 def resize_model(model: keras.Model, image_size: int, variant: str) -> keras.Model:
     """The same weights at another input size (MobileViT has no positional embeddings)."""
-    from training.model import build_model
+    from training.model import build_model, padding_of
 
     if image_size % 32:
         raise ExportError(f"--image-size must be a multiple of 32, got {image_size}")
     if model.input_shape[1] == image_size:
         return model
-    resized = build_model(variant, model.output_shape[-1], image_size)
+    resized = build_model(variant, model.output_shape[-1], image_size, padding=padding_of(model))
     resized.set_weights(model.get_weights())
     return resized
 
@@ -547,7 +547,9 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         "wall_time_s": report.get("wall_time_s"),
         "recipe": report.get("recipe"),
     } if report else {}  # fmt: skip
-    lineage = earlier_runs(report)
+    if report.get("pretrained"):  # weights from an ImageNet checkpoint: where they came from
+        training_info["pretrained"] = report["pretrained"]
+    lineage = [] if report.get("pretrained") else earlier_runs(report)
     if lineage:
         training_info["initialised_from"] = lineage
     metrics = {

@@ -14,6 +14,11 @@ from keras import layers, ops
 
 PATCH_SIZE = 2
 NUM_HEADS = 4
+#: How a stride-2 3x3 convolution pads. "symmetric": one pixel on every side, as the paper's
+#: ml-cvnets and timm do (so timm's weights give timm's numbers). "same": Keras' "same", which on
+#: an even input pads only bottom and right; models trained before the builder followed timm (the
+#: shipped flowers-mobilevit-xxs 1.1.0) record it, so their weights are rebuilt as trained.
+PADDINGS = ("symmetric", "same")
 
 
 @dataclass(frozen=True)
@@ -128,20 +133,28 @@ def _check_divisible(height, width, patch, name):
         raise ValueError(f"{name}: feature map {height}x{width} is not divisible by patch {patch}")
 
 
-def _conv_bn(x, filters: int, kernel: int, stride: int = 1, act: bool = True, name: str = ""):
-    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}conv")(
-        x
-    )
+def _strided_input(x, stride: int, padding: str, name: str):
+    """(input, Keras padding) for a 3x3 convolution of `stride` under the model's `padding`."""
+    if stride == 2 and padding == "symmetric":
+        return layers.ZeroPadding2D(1, name=f"{name}pad")(x), "valid"
+    return x, "same"
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int = 1, act: bool = True, name: str = "",
+             padding: str = "symmetric"):  # fmt: skip
+    x, mode = _strided_input(x, stride, padding, name)
+    x = layers.Conv2D(filters, kernel, stride, padding=mode, use_bias=False, name=f"{name}conv")(x)
     x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}bn")(x)
     return layers.Activation("silu", name=f"{name}act")(x) if act else x
 
 
-def _inverted_residual(x, filters: int, stride: int, expansion: int, name: str):
+def _inverted_residual(x, filters: int, stride: int, expansion: int, name: str, padding: str):
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear project, residual if same shape."""
     inputs = x
     hidden = x.shape[-1] * expansion
     x = _conv_bn(x, hidden, 1, name=f"{name}expand_")
-    x = layers.DepthwiseConv2D(3, stride, padding="same", use_bias=False, name=f"{name}dw_conv")(x)
+    x, mode = _strided_input(x, stride, padding, f"{name}dw_")
+    x = layers.DepthwiseConv2D(3, stride, padding=mode, use_bias=False, name=f"{name}dw_conv")(x)
     x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}dw_bn")(x)
     x = layers.Activation("silu", name=f"{name}dw_act")(x)
     x = _conv_bn(x, filters, 1, act=False, name=f"{name}project_")
@@ -194,10 +207,13 @@ def build_model(
     num_classes: int = 1000,
     image_size: int = 256,
     transformer_dropout: float = 0.0,
+    padding: str = "symmetric",
 ) -> keras.Model:
     """MobileViT taking RGB pixels in 0..255 ([N, S, S, 3]) and returning class probabilities."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; choose one of {PADDINGS}")
     if image_size < 64 or image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}")
     if num_classes < 2:
@@ -205,13 +221,15 @@ def build_model(
     cfg = VARIANTS[variant]
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _conv_bn(x, cfg.stem, 3, stride=2, name="stem_")
-    x = _inverted_residual(x, cfg.channels[0], 1, cfg.expansion, name="layer1_0_")
+    x = _conv_bn(x, cfg.stem, 3, stride=2, name="stem_", padding=padding)
+    x = _inverted_residual(x, cfg.channels[0], 1, cfg.expansion, "layer1_0_", padding)
     for i, stride in enumerate((2, 1, 1)):
-        x = _inverted_residual(x, cfg.channels[1], stride, cfg.expansion, name=f"layer2_{i}_")
+        x = _inverted_residual(x, cfg.channels[1], stride, cfg.expansion, f"layer2_{i}_", padding)
     for stage in range(3):
         name = f"layer{stage + 3}_"
-        x = _inverted_residual(x, cfg.channels[stage + 2], 2, cfg.expansion, name=f"{name}down_")
+        x = _inverted_residual(
+            x, cfg.channels[stage + 2], 2, cfg.expansion, f"{name}down_", padding
+        )
         x = _mobilevit_block(
             x, cfg.dims[stage], cfg.depths[stage], transformer_dropout, name=f"{name}mvit_"
         )
@@ -221,3 +239,9 @@ def build_model(
     # float32 head so probabilities stay float32 under a mixed-precision policy.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
     return keras.Model(inputs, outputs, name=f"mobilevit_{variant}")
+
+
+def padding_of(model: keras.Model) -> str:
+    """The `padding` a model was built with (symmetric models have explicit padding layers)."""
+    names = {layer.name for layer in model.layers}
+    return "symmetric" if "stem_pad" in names else "same"

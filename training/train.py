@@ -44,7 +44,7 @@ from training.data import (
     stratified_split,
     write_split,
 )
-from training.model import VARIANTS, build_model
+from training.model import PADDINGS, VARIANTS, build_model, padding_of
 from training.report import classification_metrics, plot_confusion, plot_curves
 
 log = logging.getLogger("training.train")
@@ -54,10 +54,13 @@ RECIPE_KEYS = (
     "data", "tfds", "variant", "image_size", "epochs", "batch_size", "lr", "weight_decay",
     "warmup_epochs", "label_smoothing", "min_scale", "color_jitter", "ema", "ema_momentum",
     "val_fraction", "seed", "precision", "transformer_dropout", "init_from", "augment",
-    "random_erasing", "mixup", "cutmix",
+    "random_erasing", "mixup", "cutmix", "padding",
 )  # fmt: skip
-#: What a run recorded before an option existed ran without it.
-RECIPE_DEFAULTS = {"augment": "basic", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}
+#: What a run recorded before an option existed ran without it (or, for padding, with Keras'
+#: "same", the builder's only padding then).
+RECIPE_DEFAULTS = {
+    "augment": "basic", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "padding": "same",
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, help="output folder for checkpoints and reports")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--variant", default="xxs", choices=sorted(VARIANTS))
-    p.add_argument("--image-size", type=int, default=128, help="square input size, multiple of 32")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input size, multiple of 32; default 128, or 256 from pretrained weights",
+    )
     p.add_argument(
         "--epochs",
         type=int,
@@ -78,9 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default 60; with --resume, a new total re-plans the cosine schedule",
     )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate after warm-up")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate after warm-up; default 2e-3, or 5e-4 from pretrained weights",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    p.add_argument("--warmup-epochs", type=float, default=3.0)
+    p.add_argument(
+        "--warmup-epochs", type=float, default=None, help="default 3, or 1 from pretrained weights"
+    )
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop min area")
     p.add_argument("--color-jitter", type=float, default=0.2, help="0 disables colour jitter")
@@ -101,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ema-momentum", type=float, default=0.998)
     p.add_argument("--transformer-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--padding",
+        default="symmetric",
+        choices=PADDINGS,
+        help="stride-2 convolutions: symmetric (timm/paper) or same (models before the builder "
+        "followed timm); --init-from takes its source's",
+    )
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument(
@@ -121,14 +143,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N photos a class")
     p.add_argument(
         "--init-from",
-        help="start from another run's final.keras or from an exported model directory (e.g. "
-        "models/flowers-mobilevit-xxs); the source's train/validation split is reused so its "
-        "validation photos stay unseen",
+        help="start from another run's final.keras or an exported model directory (e.g. "
+        "models/flowers-mobilevit-xxs; its train/validation split is reused so its validation "
+        "photos stay unseen), or from timm's ImageNet weights (a MobileViT v1 .safetensors: the "
+        "1000-class head is replaced by one for these classes)",
     )
     args = p.parse_args(argv)
     if not args.resume and not (args.data or args.tfds):
         p.error("one of --data or --tfds is required (or --resume)")
+    pretrained = is_pretrained(args.init_from)
+    for name, scratch, tuned in (("image_size", 128, 256), ("lr", 2e-3, 5e-4),
+                                 ("warmup_epochs", 3.0, 1.0)):  # fmt: skip
+        if getattr(args, name) is None and not args.resume:
+            setattr(args, name, tuned if pretrained else scratch)
     return args
+
+
+def is_pretrained(source: str | None) -> bool:
+    """An ImageNet checkpoint (safetensors) rather than a run or model directory of ours."""
+    return bool(source) and Path(source).suffix == ".safetensors"
+
+
+def pretrained_backbone(source: Path, model: keras.Model) -> dict:
+    """Every layer but the classifier from timm's weights; what to record about them."""
+    from training.pretrained import CheckpointError, convert, read_safetensors, sha256_file
+
+    try:
+        donor = convert(read_safetensors(source), model.input_shape[1])
+    except CheckpointError as exc:
+        raise DataError(str(exc)) from None
+    if donor.name != model.name:
+        raise DataError(f"{source} holds {donor.name}, not the --variant {model.name}")
+    for layer in model.layers:
+        if layer.weights and layer.name != "probs":
+            layer.set_weights(donor.get_layer(layer.name).get_weights())
+    return {
+        "file": source.name,
+        "sha256": sha256_file(source),
+        "source": "timm MobileViT v1 ImageNet-1k (cvnets); head replaced",
+        "classes_in_checkpoint": int(donor.output_shape[-1]),
+    }
 
 
 #: Photos are kept in memory with their shorter side at most this many times the training size:
@@ -150,6 +204,21 @@ def load_dataset(cfg: dict, limit_per_class: int = 0) -> Dataset:
         )
         dataset = dataset.subset(np.sort(keep))
     return dataset
+
+
+def source_padding(source: Path) -> str:
+    """The padding the weights at `source` were trained with (recorded, or from the model)."""
+    if is_pretrained(str(source)):
+        return "symmetric"  # timm's
+    if (source / "model.json").is_file():
+        recipe = (json.loads((source / "model.json").read_text()).get("training") or {}).get(
+            "recipe"
+        ) or {}
+        return recipe.get("padding", RECIPE_DEFAULTS["padding"])
+    try:
+        return padding_of(keras.models.load_model(source))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot start from {source}: {exc}") from None
 
 
 def source_weights(source: Path) -> dict[str, np.ndarray]:
@@ -379,6 +448,7 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
         if rows
         else None,
         "recipe": {k: cfg[k] for k in RECIPE_KEYS if k in cfg},
+        "pretrained": cfg.get("pretrained"),
         "versions": {"keras": keras.__version__, "backend": keras.backend.backend()},
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -403,6 +473,8 @@ def train(args: argparse.Namespace) -> dict:
         if (run_dir / "last.keras").exists():
             raise DataError(f"{run_dir} already holds a run; pass --resume or another --run-dir")
         cfg = {k: getattr(args, k) for k in RECIPE_KEYS}
+        if cfg.get("init_from"):
+            cfg["padding"] = source_padding(Path(cfg["init_from"]))  # the weights' own
         if cfg["image_size"] % 32:
             raise DataError(f"--image-size must be a multiple of 32, got {cfg['image_size']}")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +488,7 @@ def train(args: argparse.Namespace) -> dict:
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)
-    elif cfg.get("init_from"):
+    elif cfg.get("init_from") and not is_pretrained(cfg["init_from"]):
         source = Path(cfg["init_from"])
         source_classes = read_split_file(split_file_of(source))["class_names"]
         if source_classes != dataset.class_names:
@@ -462,9 +534,15 @@ def train(args: argparse.Namespace) -> dict:
         log.info("resuming at epoch %d of %d", initial_epoch + 1, cfg["epochs"])
     else:
         model = build_model(
-            cfg["variant"], num_classes, cfg["image_size"], cfg["transformer_dropout"]
-        )
-        if cfg.get("init_from"):
+            cfg["variant"], num_classes, cfg["image_size"], cfg["transformer_dropout"],
+            cfg["padding"],
+        )  # fmt: skip
+        if is_pretrained(cfg.get("init_from")):
+            cfg["pretrained"] = pretrained_backbone(Path(cfg["init_from"]), model)
+            config_path.write_text(json.dumps(cfg, indent=2))
+            log.info("initialised from %s (sha256 %s)", cfg["init_from"],
+                     cfg["pretrained"]["sha256"][:12])  # fmt: skip
+        elif cfg.get("init_from"):
             # MobileViT has no positional embeddings: the weights fit any input size.
             set_weights_by_path(model, source_weights(Path(cfg["init_from"])), cfg["init_from"])
             log.info("initialised from %s", cfg["init_from"])
