@@ -254,6 +254,37 @@ def set_weights_by_path(model: keras.Model, weights: dict[str, np.ndarray], sour
     model.set_weights(values)
 
 
+def distribute(batch_size: int) -> int:
+    """Under JAX, data parallel over every device it finds (`keras.distribution.DataParallel`:
+    each batch split across them, weights replicated); the number of devices."""
+    if keras.backend.backend() != "jax":
+        return 1
+    devices = keras.distribution.list_devices()
+    if len(devices) > 1:
+        if batch_size % len(devices):
+            raise DataError(f"--batch-size {batch_size} does not split over {len(devices)} devices")
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        log.info("data parallel over %d devices: %s", len(devices), ", ".join(devices))
+    return len(devices)
+
+
+def predict_padded(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """`model.predict` with the rows padded to a multiple of the devices (data parallel splits
+    every batch evenly across them), the padding dropped again."""
+    devices = len(keras.distribution.list_devices()) if keras.distribution.distribution() else 1
+    pad = -len(x) % devices
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return model.predict(x, batch_size=batch_size, verbose=0)[: len(x) - pad]
+
+
+def evaluate_arrays(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy and the model's own loss on (x, one-hot y)."""
+    probs = predict_padded(model, x)
+    accuracy = float(np.mean(probs.argmax(axis=1) == y.argmax(axis=1)))
+    return {"accuracy": accuracy, "loss": float(keras.ops.convert_to_numpy(model.loss(y, probs)))}
+
+
 def make_optimizer(cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     total = cfg["epochs"] * steps_per_epoch
     warmup = min(total - 1, int(cfg["warmup_epochs"] * steps_per_epoch))
@@ -347,7 +378,7 @@ def fit_epochs(model, batches, validation, run_dir: Path, initial_epoch: int, ep
         model.save(run_dir / "last.keras")
         # Validate the raw weights: the EMA weights only fit after BatchNorm recalibration
         # (see `finalize`), which is too slow to run every epoch on 2 cores.
-        val = model.evaluate(x_val, y_val, batch_size=64, verbose=0, return_dict=True)
+        val = evaluate_arrays(model, x_val, y_val)
         if val["accuracy"] > best_so_far:
             best_so_far = val["accuracy"]
             model.save(run_dir / "best.keras")
@@ -417,7 +448,7 @@ def predict_dataset(model: keras.Model, dataset: Dataset, image_size: int) -> np
         )
     else:
         x = eval_arrays(dataset, image_size)
-    return model.predict(x.astype(np.float32), batch_size=32, verbose=0)
+    return predict_padded(model, x.astype(np.float32))
 
 
 def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: Dataset) -> dict:
@@ -450,6 +481,9 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
         "recipe": {k: cfg[k] for k in RECIPE_KEYS if k in cfg},
         "pretrained": cfg.get("pretrained"),
         "versions": {"keras": keras.__version__, "backend": keras.backend.backend()},
+        "devices": len(keras.distribution.list_devices())
+        if keras.backend.backend() == "jax"
+        else 1,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_confusion(metrics, run_dir / "confusion.png")
@@ -485,6 +519,7 @@ def train(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(cfg["seed"])
     keras.mixed_precision.set_global_policy(cfg["precision"])
+    distribute(cfg["batch_size"])
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)

@@ -1,0 +1,42 @@
+"""Training under JAX, data parallel over two CPU devices (JAX_NUM_CPU_DEVICES=2): the loss
+falls, the run says it used both devices, and its weights export as usual (under TensorFlow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.serving_helpers import REPO
+
+pytest.importorskip("jax", reason="jax is in the train extra; not installed here")
+
+
+def test_a_jax_run_on_two_devices_learns_and_exports(photo_dir, tmp_path):
+    from contract.card import load_model_card
+    from training.export import main as export_main
+
+    run = tmp_path / "jax-run"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_NUM_CPU_DEVICES": "2",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--data", str(photo_dir), "--run-dir", str(run),
+         "--image-size", "64", "--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1",
+         "--no-ema", "--min-scale", "0.6", "--color-jitter", "0", "--val-fraction", "0.25"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel over 2 devices" in result.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert (report["versions"]["backend"], report["devices"]) == ("jax", 2)
+    with open(run / "log.csv", newline="") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert losses[-1] < losses[0]
+    out = tmp_path / "model"
+    assert export_main([str(run), "--out", str(out), "--quantizations", "float32",
+                        "--calibration-images", "8"]) == 0  # fmt: skip
+    assert load_model_card(out).labels == ["blue", "green", "red"]
