@@ -69,12 +69,13 @@ export: $(VENV)/.dev
 evaluate: $(VENV)/.dev
 	$(PY) -m training.evaluate $(MODEL) $(DATA) --format tflite --split validation --out runs/evaluation
 
-# Needs wrk (apt-get install wrk) for the HTTP runs; prints the tables quoted in README.
+# Needs wrk and haproxy (apt-get install wrk haproxy); prints the tables quoted in docs/benchmarks.md.
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.batch_cost --model $(MODEL)
 	$(PY) -m bench.serve --model $(MODEL) --modes service,peer
 	$(PY) -m bench.http_floor
+	$(PY) -m bench.rollout --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)
 	$(PY) -m bench.upload_burst --model $(MODEL)
 	$(PY) -m bench.train_speed --sizes 192,256 --steps 4
