@@ -29,7 +29,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.serve import DEFAULT_PHOTOS, ROOT, photo_files, port_in_use, start_server
+from bench.serve import (
+    DEFAULT_PHOTOS,
+    ROOT,
+    photo_bodies,
+    photo_files,
+    port_in_use,
+    start_server,
+)
 
 HAPROXY = """
 global
@@ -147,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
             for label, target in (("restart, same model", model), ("new model directory", updated)):
                 seconds = int(len(ports) * (args.pause + 12)) + 6
-                env = {**os.environ, "BENCH_PHOTOS": ";".join(str(f) for f in photos)}
+                env = {**os.environ, **photo_bodies(photos)}
                 wrk = subprocess.Popen(
                     ["wrk", "-t1", f"-c{args.clients}", f"-d{seconds}s", "--timeout", "10s",
-                     "-s", str(ROOT / "bench/wrk_predict.lua"), f"http://127.0.0.1:{front}/predict"],
+                     "-s", str(ROOT / "bench/wrk_bodies.lua"), f"http://127.0.0.1:{front}/predict"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                 )  # fmt: skip
                 time.sleep(3)

@@ -215,6 +215,15 @@ def connections_by_process(port: int) -> dict[int, int]:
     return counts
 
 
+def photo_bodies(photos: list[Path]) -> dict:
+    """wrk_bodies.lua's environment for /predict: each photo as a raw image/jpeg body."""
+    return {
+        "BENCH_BODIES": ";".join(str(p) for p in photos),
+        "BENCH_PATH": "/predict?top_k=1",
+        "BENCH_CONTENT_TYPE": "image/jpeg",
+    }
+
+
 def v2_bodies(kind: str, photos: list[Path], size: int, model: str, folder: Path) -> dict:
     """wrk_bodies.lua's environment for one v2 request kind, one photo per request: "v2-uint8"
     (pixels resized by the client, binary), "v2-bytes" (the JPEG file as BYTES, binary) or
@@ -264,15 +273,14 @@ def run_wrk(
     """wrk's figures, its own CPU ms per request (client_ms) and, with the `server` pid, the
     server's (loop_ms, work_ms). With `bodies` (v2_bodies), those requests instead of photos
     posted to /predict."""
-    env = {**os.environ, "BENCH_PHOTOS": ";".join(str(p) for p in photos), **(bodies or {})}
-    script = "wrk_bodies.lua" if bodies else "wrk_predict.lua"
+    env = {**os.environ, **(bodies or photo_bodies(photos))}
     pids = process_tree(server) if server else []
     loop0, work0 = thread_cpu(pids)
     busy0, total0 = cpu_times()
     client0 = children_cpu()
     wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "10s",
-         "-s", str(ROOT / "bench" / script), f"http://127.0.0.1:{port}/predict"],
+         "-s", str(ROOT / "bench/wrk_bodies.lua"), f"http://127.0.0.1:{port}/predict"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     time.sleep(min(1.0, seconds / 2))
