@@ -1,9 +1,11 @@
 """The FastAPI application: `create_app(settings)` builds it; the lifespan loads the model.
 
-    uvicorn app.main:app            # settings from MOBILEVIT_* environment variables
+    python -m app                   # as make serve and the image run it (app/__main__.py)
+    uvicorn app.main:app            # one process; settings from MOBILEVIT_* variables
 
-Importing this module is cheap: nothing is loaded until the lifespan starts. Startup verifies
-the model directory (hashes included), opens the backend, checks its tensor shapes against
+Importing this module is cheap: nothing is loaded until the lifespan starts. Startup validates
+model.json (refusing a preprocessing rule or input it cannot apply), hashes the artifact it will
+serve, opens the backend, checks its tensor shapes against
 model.json, runs a warm-up batch, decodes warm-up images in each decode thread and freezes
 what it loaded out of the garbage collector's view; only then does `/health` answer 200. Any
 failure is raised from the lifespan with a message naming the file, so uvicorn exits non-zero.

@@ -2,7 +2,7 @@
 
     python -m bench.batch_cost --model models/flowers-mobilevit-xxs
 
-One 1-thread LiteRT interpreter per core, as the service's inference slots run them, each in a
+One 1-thread LiteRT interpreter per core, as the service's inference workers run them, each in a
 loop over real photos (decoded beforehand) at one batch size. The batch sizes take turns over
 several rounds, in alternating order, so that the machine's drift hits each alike. Prints
 images/s per batch size against the best, and the largest batch size within `--tolerance` of
