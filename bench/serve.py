@@ -70,22 +70,19 @@ def ceiling(model_dir: Path, artifact, blobs: list[bytes], size: int, seconds: f
             i += 1
         counts[slot] = i
 
-    best = 0.0
     cpus = os.cpu_count() or 1
-    for workers, threads in ((cpus, 1),):
-        backends = [open_backend(artifact.format, path, threads) for _ in range(workers)]
-        for b in backends:
-            b.predict(preprocess_bytes(blobs[0], size)[None])
-        counts = [0] * workers
-        start = time.perf_counter()
-        pool = [threading.Thread(target=loop, args=(b, start + seconds, counts, k))
-                for k, b in enumerate(backends)]  # fmt: skip
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        best = max(best, sum(counts) / (time.perf_counter() - start))
-    return best
+    backends = [open_backend(artifact.format, path, 1) for _ in range(cpus)]
+    for b in backends:
+        b.predict(preprocess_bytes(blobs[0], size)[None])
+    counts = [0] * cpus
+    start = time.perf_counter()
+    pool = [threading.Thread(target=loop, args=(b, start + seconds, counts, k))
+            for k, b in enumerate(backends)]  # fmt: skip
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
 
 
 def port_in_use(port: int) -> bool:
