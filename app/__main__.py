@@ -12,7 +12,6 @@ host never share or add up each other's counts.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +21,6 @@ import uvicorn
 
 from app.metrics import clear_directory
 from app.settings import Settings
-
-logger = logging.getLogger("app")
 
 
 def main() -> None:

@@ -260,8 +260,8 @@ def check_outputs(request: InferRequest) -> bool:
 def parse_infer(
     body: bytes, encoding: str | None, header_length: str | None, size: int, limits: tuple
 ) -> ParsedInfer:
-    """Decompress, split off the binary part, parse and check the one input. Runs in the
-    decode pool: a body up to MAX_UPLOAD_BYTES is too much work for the event loop."""
+    """Decompress, split off the binary part, parse and check the one input (on the event loop
+    when `cheap_to_parse`, else in the decode pool)."""
     max_bytes, max_images = limits
     body = tensors.decompress(body, encoding, max_bytes)
     header, binary = tensors.split_body(body, header_length)
@@ -337,8 +337,7 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
                 )
                 deadline.watch_client()
                 admit(service, 1)  # before the costly parse; the whole count once parsed
-                job = (
-                    parse_infer,
+                args = (
                     body,
                     headers.get("content-encoding"),
                     headers.get(tensors.HEADER_LENGTH),
@@ -346,10 +345,10 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
                     (settings.max_upload_bytes, settings.max_files),
                 )
                 if cheap_to_parse(body, headers):
-                    parsed = parse_infer(*job[1:])
+                    parsed = parse_infer(*args)
                 else:  # a large JSON body or a compressed one: off the event loop
-                    parsed = await service.decoder.run(*job)
-                del body, job
+                    parsed = await service.decoder.run(parse_infer, *args)
+                del body, args
                 if parsed.files is not None:
                     uploads = [Upload(f"{BYTES_INPUT}[{i}]", data) for i, data in
                                enumerate(parsed.files)]  # fmt: skip

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from contract.card import ArtifactError, load_model_card, verify_split
+from contract.card import ArtifactError, read_card, verify_split
 from contract.preprocess import ImageError, load_bounded, load_rgb, resize_for_model
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def split_file_of(source: Path) -> Path:
     (hash-checked), a run directory's split.json, or that of the run a `.keras` file is in."""
     if (source / "model.json").is_file():
         try:
-            card = load_model_card(source, verify=False)
+            card = read_card(source)
             if card.split is None:
                 raise DataError(f"{source}/model.json records no split, so the photos it was "
                                 "trained on are unknown")  # fmt: skip

@@ -408,21 +408,26 @@ def resize_model(model: keras.Model, image_size: int, variant: str) -> keras.Mod
     return resized
 
 
-def _photos(root: Path, files: list[str], labels: list[int] | None, size: int) -> Photos:
-    images = np.stack([preprocess_file(root / f, size) for f in files])
-    return Photos(images, None if labels is None else np.asarray(labels), list(files))
-
-
-def decodable(root: Path, files: list[str]) -> list[str]:
-    """The files that decode as images (a stray notes.txt in a class folder is skipped)."""
-    kept = []
-    for rel in files:
+def _photos(
+    root: Path, files: list[str], labels: list[int] | None, size: int, skip_bad: bool = False
+) -> Photos:
+    """The files through the serving preprocessing; with `skip_bad`, files that do not decode
+    (a stray notes.txt in a class folder) are left out with a warning, not an error."""
+    images, kept, kept_labels = [], [], []
+    for i, rel in enumerate(files):
         try:
-            preprocess_file(root / rel, 32)
-            kept.append(rel)
+            images.append(preprocess_file(root / rel, size))
         except (ImageError, OSError) as exc:
+            if not skip_bad:
+                raise
             log.warning("skipping %s: %s", root / rel, exc)
-    return kept
+            continue
+        kept.append(rel)
+        if labels is not None:
+            kept_labels.append(labels[i])
+    if not images:
+        raise ExportError(f"no readable photos under {root}")
+    return Photos(np.stack(images), None if labels is None else np.asarray(kept_labels), kept)
 
 
 def labels_of(files: list[str], labels: list[str], root: Path) -> list[int]:
@@ -509,11 +514,14 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
             files, _, labels = scan_folder(root)
         except DataError as exc:
             raise ExportError(str(exc)) from None
-        train_files = val_files = decodable(root, files)
+        val_files = files
     if len(labels) != model.output_shape[-1]:
         raise ExportError(f"{root} has {len(labels)} class folders {labels}; the model has "
                           f"{model.output_shape[-1]} outputs")  # fmt: skip
-    val_labels = labels_of(val_files, labels, root)
+    size = args.image_size or model.input_shape[1]
+    validation = _photos(root, val_files, labels_of(val_files, labels, root), size, not split)
+    if not split:  # without a split every readable photo is scored and calibrated on
+        train_files = validation.files
     if args.image_size and args.image_size != model.input_shape[1]:
         model = resize_model(model, args.image_size, variant)
         # Statistics seen at the training size do not hold at another: re-estimate them
@@ -521,18 +529,19 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         from training.train import recalibrate_batchnorm
 
         files = np.random.default_rng(1).permutation(train_files)[:1280]
-        recalibrate_batchnorm(model, _photos(root, list(files), None, args.image_size).images)
-    size = model.input_shape[1]
+        recalibrate_batchnorm(model, _photos(root, list(files), None, size).images)
     rng = np.random.default_rng(0)
     calib_files = list(
         rng.choice(train_files, min(args.calibration_images, len(train_files)), replace=False)
     )
     evaluated_on = Evaluation(
-        photos="validation_split" if split else "all_photos", data=str(root), images=len(val_files)
+        photos="validation_split" if split else "all_photos",
+        data=str(root),
+        images=len(validation.files),
     )
     log.info(
         "parity on %d %s, calibration on %d training photos at %d px",
-        len(val_files),
+        len(validation.files),
         "validation photos" if split else f"photos of {root} (no split: may include training ones)",
         len(calib_files),
         size,
@@ -564,7 +573,7 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         version=args.version,
         variant=variant,
         calibration=_photos(root, calib_files, None, size).images,
-        validation=_photos(root, val_files, val_labels, size),
+        validation=validation,
         quantizations=quantizations,
         training_info=training_info,
         metrics=metrics,

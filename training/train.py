@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
+from contract.card import ArtifactError, read_card
 from contract.preprocess import preprocess_file
 from training.data import (
     Augment,
@@ -211,9 +212,10 @@ def source_padding(source: Path) -> str:
     if is_pretrained(str(source)):
         return "symmetric"  # timm's
     if (source / "model.json").is_file():
-        recipe = (json.loads((source / "model.json").read_text()).get("training") or {}).get(
-            "recipe"
-        ) or {}
+        try:
+            recipe = read_card(source).training.get("recipe") or {}
+        except ArtifactError as exc:
+            raise DataError(str(exc)) from None
         return recipe.get("padding", RECIPE_DEFAULTS["padding"])
     try:
         return padding_of(keras.models.load_model(source))
