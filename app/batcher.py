@@ -11,11 +11,12 @@ the dispatcher then goes on with the next batch.
 Several replicas (INFERENCE_WORKERS) run batches concurrently: on a small CPU two single-thread
 interpreters keep both cores busy even while decoding takes a slice of one of them, whereas one
 interpreter split over both cores stalls whenever either core is taken (bench/serve.py). A
-request that is alone, though, would leave all cores but one idle: a batch of at most
-`LONE_MAX_BATCH` images that finds every replica idle, nothing else queued and `alone()` true
-(no other request in flight, not even one still uploading or decoding) runs on `lone` (an
-interpreter with a thread per core) while holding every replica, so nothing else runs beside
-it; anything arriving meanwhile waits the ~1 ms it takes, then runs as usual.
+request that is alone, though, would leave all cores but one idle. `run_alone` serves it: with
+nothing queued or running and `alone()` true (no other request in flight, not even one still
+uploading or decoding), the request's `prepare` (its decode) and `lone` (an interpreter with a
+thread per core) run as one job in one thread, one hand-off instead of a decode thread's and
+an inference thread's. No batch starts beside it; anything arriving meanwhile waits the ~2 ms
+it takes, then runs as usual.
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
@@ -31,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,8 @@ logger = logging.getLogger("app.batcher")
 Predict = Callable[[np.ndarray], np.ndarray]
 #: Largest batch that may run on the many-thread `lone` predict: a lone request's images.
 LONE_MAX_BATCH = 2
+#: Makes a lone request's images (decodes them), in the inference thread: [N, H, W, 3].
+Prepare = Callable[[], np.ndarray]
 #: Called after every backend call: (batch size, seconds in predict, whether it failed).
 BatchHook = Callable[[int, float, bool], None]
 
@@ -103,20 +107,23 @@ class Batcher:
         for index in range(len(replicas)):
             self._idle.put_nowait(index)
         self._running: set[asyncio.Task] = set()
+        # Clear while a lone request's job runs: no batch starts until it is set again.
+        self._lone_free = asyncio.Event()
+        self._lone_free.set()
         self._on_batch = on_batch
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._accepting = False
         self._closing = False
         self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._worker is not None:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(
+        self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=len(self._replicas), thread_name_prefix="inference"
         )
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -148,6 +155,9 @@ class Batcher:
                 await asyncio.gather(worker, return_exceptions=True)
             except Exception:
                 pass  # a crashed worker was already logged by _worker_done
+        if not self._lone_free.is_set():  # a lone request's job still running
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lone_free.wait(), timeout)
         while self._queue:  # left over after a forced stop
             item = self._queue.popleft()
             if not item.future.done():
@@ -216,6 +226,62 @@ class Batcher:
             self.stats.skipped_cancelled += len(self._queue) - len(kept)
             self._queue = collections.deque(kept)
 
+    async def run_alone(
+        self, prepare: Prepare, count: int
+    ) -> tuple[list[np.ndarray], float] | None:
+        """The rows of a lone request's `count` images, made by `prepare` and run on `lone` in
+        one job, and when `prepare` ended (`time.perf_counter()`); None (at once, nothing run)
+        unless the request is alone and nothing is queued or running. `prepare`'s own exceptions
+        (a bad image) propagate as they are."""
+        if (
+            self._lone is None
+            or count > LONE_MAX_BATCH
+            or self._queue
+            or self._running
+            or not self._lone_free.is_set()
+            or not self._alone()
+        ):
+            return None
+        self.admit(count)  # still refuses while closing
+        lone = self._lone
+        timing: list[float] = []
+
+        def job() -> np.ndarray:
+            images = prepare()
+            timing.append(time.perf_counter())
+            return np.asarray(lone(images))
+
+        try:
+            # No local holds the job's future: its exception's traceback holds this frame.
+            outputs = await asyncio.wrap_future(self._start_lone(job))
+        except Exception as exc:
+            if not timing:  # prepare failed: not an inference failure
+                raise
+            self.stats.lone_batches += 1
+            self._inference_failed(count, time.perf_counter() - timing[0], exc)
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from None
+        self.stats.lone_batches += 1
+        seconds = time.perf_counter() - timing[0]
+        if outputs.ndim != 2 or outputs.shape[0] != count:
+            exc = ValueError(f"backend returned shape {outputs.shape} for {count} images")
+            self._inference_failed(count, seconds, exc)
+            raise InferenceFailed("inference failed: ValueError")
+        self._record(count, seconds, failed=False)
+        return list(outputs), timing[0]
+
+    def _start_lone(self, job: Callable[[], np.ndarray]) -> concurrent.futures.Future:
+        assert self._executor is not None
+        self._lone_free.clear()
+        work = self._executor.submit(job)
+        loop = asyncio.get_running_loop()
+        # Set once the thread is done, even if the caller gave up (deadline, client gone) before.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._lone_free.set))
+        return work
+
+    def _inference_failed(self, size: int, seconds: float, exc: Exception) -> None:
+        logger.error("inference failed for a batch of %d", size, exc_info=exc)
+        self._record(size, seconds, failed=True)
+
     # ---- worker ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -229,15 +295,9 @@ class Batcher:
                     if batch is None:
                         return
                     continue
-                held, predict = [replica], self._replicas[replica]
-                if self._lone is not None and self._all_idle(batch):
-                    while not self._idle.empty():  # every other replica: nothing runs beside it
-                        held.append(self._idle.get_nowait())
-                    predict = self._lone
-                    self.stats.lone_batches += 1
-                task = loop.create_task(self._run_batch(batch, predict))
+                task = loop.create_task(self._run_batch(batch, self._replicas[replica]))
                 self._running.add(task)
-                task.add_done_callback(lambda t, h=held: self._batch_done(t, h))
+                task.add_done_callback(lambda t, r=replica: self._batch_done(t, r))
         except asyncio.CancelledError:  # forced stop: running batches fail now, not later
             for task in self._running:
                 task.cancel()
@@ -247,20 +307,9 @@ class Batcher:
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
 
-    def _all_idle(self, batch: list[_Item]) -> bool:
-        """A small batch, nothing else queued or running: a lone request."""
-        return (
-            len(batch) <= LONE_MAX_BATCH
-            and not self._queue
-            and not self._running
-            and self._idle.qsize() == len(self._replicas) - 1
-            and self._alone()
-        )
-
-    def _batch_done(self, task: asyncio.Task, held: list[int]) -> None:
+    def _batch_done(self, task: asyncio.Task, replica: int) -> None:
         self._running.discard(task)
-        for replica in held:
-            self._idle.put_nowait(replica)
+        self._idle.put_nowait(replica)
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait for a first item, then up to `max_wait_s` (from its arrival) for a full batch."""
@@ -294,6 +343,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
+            await self._lone_free.wait()  # nothing runs beside a lone request
+            started = time.perf_counter()
             images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
             outputs = await loop.run_in_executor(self._executor, predict, images)
             outputs = np.asarray(outputs)
@@ -305,9 +356,7 @@ class Batcher:
                     item.future.set_exception(Overloaded("service is shutting down"))
             raise
         except Exception as exc:  # whatever the backend raises fails this batch, and only it
-            seconds = time.perf_counter() - started
-            logger.error("inference failed for a batch of %d", len(batch), exc_info=exc)
-            self._record(len(batch), seconds, failed=True)
+            self._inference_failed(len(batch), time.perf_counter() - started, exc)
             error = InferenceFailed(f"inference failed: {type(exc).__name__}")
             for item in batch:
                 if not item.future.done():

@@ -287,6 +287,14 @@ def _warm_up_samples() -> list[bytes]:
     return samples
 
 
+def upload_error(upload: Upload, error: BaseException) -> BaseException:
+    """What a failed decode raises: an ApiError naming the upload for a bad image, else itself."""
+    if isinstance(error, ImageError):
+        where = f"{upload.filename}: " if upload.filename else ""
+        return ApiError(image_error_status(error), f"{where}{error}")
+    return error
+
+
 class Decoder:
     """Decode + resize under the model card's rule, in a thread pool sized by DECODE_THREADS."""
 
@@ -325,12 +333,20 @@ class Decoder:
         jobs = [loop.run_in_executor(self._pool, self.decode_one, u.data) for u in uploads]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for upload, result in zip(uploads, results, strict=True):
-            if isinstance(result, ImageError):
-                where = f"{upload.filename}: " if upload.filename else ""
-                raise ApiError(image_error_status(result), f"{where}{result}")
             if isinstance(result, BaseException):
-                raise result
+                raise upload_error(upload, result)
         return list(results)  # type: ignore[arg-type]
+
+    def decode_here(self, uploads: Sequence[Upload]) -> np.ndarray:
+        """`decode`, in the calling thread, stacked: [N, size, size, 3] (a lone request's, which
+        decodes in the thread that then runs its inference, `Batcher.run_alone`)."""
+        images = []
+        for upload in uploads:
+            try:
+                images.append(self.decode_one(upload.data))
+            except ImageError as exc:
+                raise upload_error(upload, exc) from None
+        return np.stack(images)
 
     async def run(self, func, *args):
         """Run other CPU work (e.g. parsing a large JSON body) in the decode pool."""

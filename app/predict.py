@@ -10,6 +10,7 @@ app's router (`predict_route`), so every middleware applies to it as to every ot
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -22,7 +23,14 @@ from starlette.types import Receive, Scope, Send
 
 from app.decoding import FILE_FIELD, read_uploads
 from app.errors import CODES, ApiError, ErrorBody, error_response, unexpected_error
-from app.routes import RequestDeadline, admit, check_api_key, classify, serving
+from app.routes import (
+    RequestDeadline,
+    admit,
+    check_api_key,
+    classify,
+    classify_alone,
+    serving,
+)
 
 DEFAULT_TOP_K = 3
 
@@ -136,13 +144,19 @@ class PredictEndpoint:
                     deadline.watch_client()
                     admit(service, len(uploads))
                     decode_started = time.perf_counter()
-                    images = await service.decoder.decode(uploads)
+                    decode = functools.partial(service.decoder.decode_here, uploads)
+                    alone = await classify_alone(service, decode, len(uploads))
+                    if alone is None:
+                        images = await service.decoder.decode(uploads)
+                        decoded = time.perf_counter()
+                    else:
+                        rows, decoded = alone
                 # The encoded bytes are no longer needed: a request waiting in the queue holds
                 # only its decoded pixels, which the queue limit bounds.
                 filenames = [upload.filename for upload in uploads]
                 del uploads
-                infer_started = time.perf_counter()
-                rows = await classify(service, images)
+                if alone is None:
+                    rows = await classify(service, images)
         done = time.perf_counter()
         predictions = []
         for filename, row in zip(filenames, rows, strict=True):
@@ -153,8 +167,8 @@ class PredictEndpoint:
                 "model": service.model_ref(),
                 "predictions": predictions,
                 "timings_ms": {
-                    "decode": round((infer_started - decode_started) * 1000, 3),
-                    "queue_and_inference": round((done - infer_started) * 1000, 3),
+                    "decode": round((decoded - decode_started) * 1000, 3),
+                    "queue_and_inference": round((done - decoded) * 1000, 3),
                     "total": round((done - started) * 1000, 3),
                 },
             }

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, State
 from starlette.types import Receive
 
-from app.batcher import InferenceFailed, Overloaded
+from app.batcher import InferenceFailed, Overloaded, Prepare
 from app.errors import ApiError, error_responses
 from app.service import Service
 from app.settings import Settings
@@ -82,6 +82,21 @@ async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarra
     assert service.batcher is not None
     try:
         return await service.batcher.predict_many(images)
+    except Overloaded as exc:
+        raise _unavailable(exc) from None
+    except InferenceFailed:
+        raise ApiError(500, "inference failed", code="inference_failed") from None
+
+
+async def classify_alone(
+    service: Service, prepare: Prepare, count: int
+) -> tuple[list[np.ndarray], float] | None:
+    """A lone request's rows, its images made by `prepare` (its decode) in the same job as its
+    inference, and when `prepare` ended (`Batcher.run_alone`); None, having done nothing, when
+    the request is not alone: then decode and `classify` as usual."""
+    assert service.batcher is not None
+    try:
+        return await service.batcher.run_alone(prepare, count)
     except Overloaded as exc:
         raise _unavailable(exc) from None
     except InferenceFailed:

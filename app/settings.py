@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(default=0.0, ge=0, le=10_000)
     """How long the batcher waits after the first queued image for more to fill the batch.
     0 (default): greedy batching, taking whatever queued while the previous batch ran, so a lone
-    request never waits and batches still grow under load (bench/serve.py measured both)."""
+    request never waits (it runs at once on every core) and batches still grow under load
+    (bench/serve.py measured both)."""
 
     queue_limit: int = Field(default=256, ge=1)
     """Images that may wait for inference; beyond it requests get 503 with `Retry-After`."""
@@ -164,4 +165,5 @@ class Settings(BaseSettings):
             self.inference_workers,
             self.inference_threads,
             self.decode_threads,
+            batch_window=self.max_batch_wait_ms > 0,
         )

@@ -17,7 +17,8 @@ least 1. The shape for N CPUs:
   stalls whenever any of its cores is taken);
 - as many decode threads as the process has CPUs (Pillow releases the GIL while it decodes);
 - one more interpreter with a thread per CPU of the process, for a request that is alone
-  (`app.batcher`): a lone request would otherwise run on one core and leave the rest idle.
+  (`app.batcher`): a lone request would otherwise run on one core and leave the rest idle
+  (none with a batch window, MAX_BATCH_WAIT_MS > 0, where every request waits for company).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class Topology:
     inference_threads: int
     decode_threads: int
     lone_request_threads: int
-    """Threads of the interpreter a lone request runs on; 0: none (one CPU or one worker, or
-    INFERENCE_THREADS set)."""
+    """Threads of the interpreter a lone request runs on; 0: none (one CPU or one worker,
+    INFERENCE_THREADS set, or a batch window)."""
     cpus: int
     reason: str
 
@@ -90,8 +91,11 @@ def derive(
     inference_workers: int | None = None,
     inference_threads: int | None = None,
     decode_threads: int | None = None,
+    batch_window: bool = False,
 ) -> Topology:
-    """The shape for `budget`; any value given explicitly is kept as it is."""
+    """The shape for `budget`; any value given explicitly is kept as it is. With a
+    `batch_window` (MAX_BATCH_WAIT_MS > 0) every request waits for company, so none runs alone
+    on every core."""
     cpus = budget.cpus
     chosen_processes = processes or max(1, math.ceil(cpus / CPUS_PER_PROCESS))
     per_process = max(1, cpus // chosen_processes)
@@ -108,7 +112,9 @@ def derive(
         inference_threads=threads,
         decode_threads=decode_threads or per_process,
         # Only when threads are derived: INFERENCE_THREADS set means exactly that many.
-        lone_request_threads=per_process if workers > 1 and inference_threads is None else 0,
+        lone_request_threads=per_process
+        if workers > 1 and inference_threads is None and not batch_window
+        else 0,
         cpus=cpus,
         reason=reason,
     )

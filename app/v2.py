@@ -18,6 +18,7 @@ Retry-After) like `/health`.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -30,7 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app import tensors
 from app.decoding import Upload, read_body
 from app.errors import ApiError, error_responses
-from app.routes import RequestDeadline, admit, classify, ready_service, require_api_key
+from app.routes import (
+    RequestDeadline,
+    admit,
+    classify,
+    classify_alone,
+    ready_service,
+    require_api_key,
+)
 from app.service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -354,10 +362,20 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
                                enumerate(parsed.files)]  # fmt: skip
                     parsed.files = None
                     admit(service, len(uploads))
-                    parsed.pixels = await service.decoder.decode(uploads)
-                    del uploads
-            assert parsed.pixels is not None
-            rows = await classify(service, parsed.pixels)
+                    decode = functools.partial(service.decoder.decode_here, uploads)
+                    alone = await classify_alone(service, decode, len(uploads))
+                    if alone is None:
+                        parsed.pixels = await service.decoder.decode(uploads)
+                    del uploads, decode
+                else:
+                    assert parsed.pixels is not None
+                    stack = functools.partial(np.stack, parsed.pixels)
+                    alone = await classify_alone(service, stack, len(parsed.pixels))
+            if alone is None:
+                assert parsed.pixels is not None
+                rows = await classify(service, parsed.pixels)
+            else:
+                rows = alone[0]
     probabilities = np.stack(rows).astype(np.float32)  # N x [C] -> [N, C]
     return infer_response(service, parsed, probabilities, headers.get("accept-encoding"))
 

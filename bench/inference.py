@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.quiet import paused
 from contract.card import load_model_card
 from contract.preprocess import preprocess_file
 from contract.runtime import open_backend
@@ -52,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--savedmodel", action="store_true", help="also time the SavedModel")
+    p.add_argument(
+        "--pause", type=int, action="append", default=[], metavar="PID",
+        help="stop this process (a training run) while measuring (bench.quiet)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    with paused(args.pause) as machine:
+        return run(args, machine)
+
+
+def run(args: argparse.Namespace, machine: str) -> int:
 
     card = load_model_card(args.model)
     photos = load_photos(args.photos, card.input.height, 64)
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     print(f"model {card.name} at {card.input.height} px, {len(photos)} real photos, "
-          f"{os.cpu_count()} CPUs, {args.seconds:g} s per cell")  # fmt: skip
+          f"{os.cpu_count()} CPUs, {args.seconds:g} s per cell; {machine}")  # fmt: skip
     print(f"\n{'artifact':<22}{'quant':<15}{'val top-1':>10}{'thr':>5}{'batch':>7}"
           f"{'img/s':>9}{'p50 ms':>9}")  # fmt: skip
     results = {}

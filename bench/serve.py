@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.quiet import paused
 from contract.card import load_model_card
 from contract.preprocess import preprocess_bytes
 from contract.runtime import open_backend
@@ -334,7 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=2, help="the modes in order, then reversed, ...")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--modes", default="service,peer", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument(
+        "--pause", type=int, action="append", default=[], metavar="PID",
+        help="stop this process (a training run) while measuring (bench.quiet)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    with paused(args.pause) as machine:
+        return run(args, machine)
+
+
+def run(args: argparse.Namespace, machine: str) -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
 
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [m for k in range(args.passes) for m in (modes if k % 2 == 0 else modes[::-1])]
     print(f"model {card.name} ({artifact.file}) at {size} px; {os.cpu_count()} CPUs; "
           f"{len(photos)} real JPEG photos; wrk -t1; each cell is {args.rounds} rounds of "
-          f"(ceiling, {args.seconds} s of load); order {','.join(order)}")  # fmt: skip
+          f"(ceiling, {args.seconds} s of load); order {','.join(order)}; {machine}")  # fmt: skip
     print("ceiling: one single-thread decode + resize + inference loop per core, summed; 'of "
           "ceiling' is mean req/s over\nmean ceiling of the same rounds; p50 is the rounds' "
           "median, p99 their worst\n")  # fmt: skip

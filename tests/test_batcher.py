@@ -233,7 +233,8 @@ async def test_close_with_a_stuck_backend_fails_the_rest_after_the_timeout():
         futures = [batcher.submit(image(v)) for v in range(3)]
         await asyncio.to_thread(backend.entered.wait, 5)
         await batcher.close(timeout=0.1)
-        for future in futures[1:]:
+        # The stuck batch's caller too: nobody may wait on a future that never resolves.
+        for future in futures:
             assert isinstance(future.exception(), Overloaded)
     finally:
         gate.set()  # let the stuck thread finish
@@ -354,34 +355,119 @@ async def test_forced_close_fails_running_and_queued_batches():
         gate.set()  # let the stuck threads finish
 
 
-async def test_a_lone_request_runs_on_the_wide_predict_holding_every_worker():
+def lone_batcher(wide, alone=lambda: True, **options) -> tuple[Batcher, list[str]]:
+    """Two narrow replicas that log their calls, and `wide` as the lone request's predict."""
     calls: list[str] = []
-    gate = threading.Event()
 
     def narrow(images):
         calls.append(f"narrow{len(images)}")
         return np.zeros((len(images), 2), np.float32)
 
-    def wide(images):
+    def logged_wide(images):
         calls.append(f"wide{len(images)}")
-        gate.wait(5)
+        return wide(images)
+
+    batcher = Batcher([narrow, narrow], max_batch_size=4, max_wait_s=0, lone=logged_wide,
+                      alone=alone, **options)  # fmt: skip
+    batcher.start()
+    return batcher, calls
+
+
+async def test_a_lone_request_decodes_and_runs_on_the_wide_predict_in_one_thread():
+    gate = threading.Event()
+    threads: list[str] = []
+
+    def wide(images):
+        threads.append(threading.current_thread().name)
+        assert gate.wait(5)
         return np.ones((len(images), 2), np.float32)
 
-    in_flight = {"n": 1}
-    batcher = Batcher([narrow, narrow], max_batch_size=4, max_wait_s=0, lone=wide,
-                      alone=lambda: in_flight["n"] <= 1)  # fmt: skip
-    batcher.start()
+    def prepare():
+        threads.append(threading.current_thread().name)
+        return np.zeros((1, 2, 2, 3), np.uint8)
+
+    batcher, calls = lone_batcher(wide)
     try:
-        first = asyncio.ensure_future(batcher.predict_many([np.zeros((2, 2, 3))]))
-        await asyncio.sleep(0.05)
-        assert calls == ["wide1"]
-        # Arriving while it runs: waits for it (every worker is held), then runs narrow.
-        in_flight["n"] = 3
-        second = asyncio.ensure_future(batcher.predict_many([np.zeros((2, 2, 3))] * 2))
+        first = asyncio.ensure_future(batcher.run_alone(prepare, 1))
+        await wait_until(lambda: calls == ["wide1"])
+        # Arriving while it runs: waits for it (no batch starts beside it), then runs narrow.
+        second = asyncio.ensure_future(batcher.predict_many([image(1), image(2)]))
         await asyncio.sleep(0.05)
         assert calls == ["wide1"]
         gate.set()
-        assert (await first)[0][0] == 1.0 and (await second)[0][0] == 0.0
+        rows, prepared_at = await first
+        assert rows[0][0] == 1.0 and prepared_at <= time.perf_counter()
+        assert (await second)[0][0] == 0.0
         assert calls == ["wide1", "narrow2"] and batcher.stats.lone_batches == 1
+        assert len(set(threads)) == 1 and threads[0] != threading.current_thread().name
+    finally:
+        gate.set()
+        await batcher.close()
+
+
+async def test_run_alone_declines_without_running_anything_unless_alone_and_idle():
+    in_flight = {"n": 2}
+    batcher, calls = lone_batcher(lambda images: np.ones((len(images), 2), np.float32),
+                                  alone=lambda: in_flight["n"] <= 1)  # fmt: skip
+    prepared: list[int] = []
+
+    def prepare():
+        prepared.append(1)
+        return np.zeros((1, 2, 2, 3), np.uint8)
+
+    try:
+        assert await batcher.run_alone(prepare, 1) is None  # another request in flight
+        in_flight["n"] = 1
+        assert await batcher.run_alone(prepare, 3) is None  # more images than the lone batch
+        assert prepared == [] and calls == []
+        assert (await batcher.run_alone(prepare, 1))[0][0][0] == 1.0
+        solo = Batcher(lambda images: np.zeros((len(images), 2)), lone=lambda images: images)
+        solo.start()
+        assert await solo.run_alone(prepare, 1) is None  # one replica: no lone predict
+        await solo.close()
     finally:
         await batcher.close()
+
+
+async def test_run_alone_failures_prepare_raises_as_is_inference_fails_the_request():
+    def broken(images):
+        raise RuntimeError("backend broke")
+
+    batcher, _ = lone_batcher(broken)
+    hook: list[tuple[int, bool]] = []
+    batcher._on_batch = lambda size, seconds, failed: hook.append((size, failed))
+
+    def bad_image():
+        raise ValueError("not an image")
+
+    try:
+        with pytest.raises(ValueError, match="not an image"):
+            await batcher.run_alone(bad_image, 1)
+        assert hook == []  # a bad image is not an inference failure
+        with pytest.raises(InferenceFailed):
+            await batcher.run_alone(lambda: np.zeros((1, 2, 2, 3), np.uint8), 1)
+        assert hook == [(1, True)] and batcher.stats.failed_batches == 1
+        # Nothing is left held: the next batch runs.
+        assert len(await batcher.predict_many([image(1)])) == 1
+    finally:
+        await batcher.close()
+
+
+async def test_close_waits_for_a_lone_request_running_and_refuses_new_ones():
+    gate = threading.Event()
+
+    def wide(images):
+        assert gate.wait(5)
+        return np.ones((len(images), 2), np.float32)
+
+    batcher, _ = lone_batcher(wide)
+    running = asyncio.ensure_future(batcher.run_alone(lambda: np.zeros((1, 2, 2, 3)), 1))
+    await asyncio.sleep(0.02)
+    closing = asyncio.ensure_future(batcher.close(timeout=5))
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    gate.set()
+    await closing
+    assert (await running)[0][0][0] == 1.0
+    with pytest.raises(Overloaded):
+        await batcher.run_alone(lambda: np.zeros((1, 2, 2, 3)), 1)

@@ -2,6 +2,10 @@
 
 import importlib
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,3 +50,26 @@ async def test_the_peer_classifies_like_the_service(tiny_model_dir, monkeypatch)
         answers = [(await client.post("/predict", content=image_bytes(c))).json()["label"]
                    for c in ("red", "green", "blue")]  # fmt: skip
     assert answers == ["red", "green", "blue"]
+
+
+def test_a_benchmark_pauses_a_training_run_and_resumes_it_however_it_ends():
+    from bench.quiet import paused
+
+    def reaches(pid: int, wanted: str) -> bool:
+        """Whether the process gets to that state letter (signals are delivered asynchronously)."""
+        for _ in range(200):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == wanted:
+                return True
+            time.sleep(0.01)
+        return False
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(RuntimeError), paused([sleeper.pid]) as header:
+            assert reaches(sleeper.pid, "T") and f"pid {sleeper.pid}" in header
+            assert "busy before the start" in header
+            raise RuntimeError("the benchmark failed")
+        assert reaches(sleeper.pid, "S")  # sleeping again, no longer stopped
+    finally:
+        sleeper.kill()
+        sleeper.wait()

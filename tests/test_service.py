@@ -7,6 +7,7 @@ httpx's ASGITransport. `served` is one shared app per format (see serving_fixtur
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import os
 import shutil
@@ -28,6 +29,7 @@ from app.predict import PredictResponse
 from app.routes import RequestDeadline
 from app.settings import DEFAULT_MODEL_DIR, Settings
 from contract.card import ArtifactError
+from contract.preprocess import preprocess_bytes as preprocess_file_bytes
 from contract.preprocess import preprocess_file
 from tests.serving_helpers import (
     LABELS,
@@ -433,13 +435,13 @@ async def test_503_when_the_queue_is_full(served, monkeypatch):
     service = served.app.state.service
     monkeypatch.setattr(service.batcher, "queue_limit", 0)
     decoded = []
-    real_decode = service.decoder.decode
+    real_decode = service.decoder.decode_one
 
-    async def decode(uploads):
-        decoded.append(len(uploads))
-        return await real_decode(uploads)
+    def decode_one(data):
+        decoded.append(len(data))
+        return real_decode(data)
 
-    monkeypatch.setattr(service.decoder, "decode", decode)
+    monkeypatch.setattr(service.decoder, "decode_one", decode_one)
     response = await predict_files(served, jpeg_part("red"))
     assert_error(response, 503, "overloaded")
     assert decoded == []  # turned away before its image cost a decode
@@ -481,7 +483,7 @@ async def test_unexpected_errors_are_json_500(tiny_model_dir):
         def explode(*args, **kwargs):
             raise KeyError("boom")
 
-        served.app.state.service.decoder.decode = explode  # not an ApiError: the catch-all
+        served.app.state.service.decoder.decode_one = explode  # not an ApiError: the catch-all
         response = await predict_files(served, jpeg_part("red"))
         assert_error(response, 500, "internal_error")
         assert "boom" not in response.text and "Traceback" not in response.text
@@ -696,3 +698,74 @@ def test_a_dead_process_keeps_its_counts_but_not_its_live_gauges(tmp_path):
     assert not list(tmp_path.iterdir())
     forget_dead_processes_gauges(tmp_path / "new")  # a missing directory is created
     assert (tmp_path / "new").is_dir()
+
+
+# ---- a lone request ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def greedy(tiny_model_dir):
+    """The service as shipped: greedy batching, so a lone request runs on every core."""
+    settings = make_settings(tiny_model_dir, max_batch_wait_ms=0.0)
+    if settings.topology().lone_request_threads == 0:
+        pytest.skip("one usable CPU: no lone-request interpreter")
+    async with serve(settings) as served:
+        yield served
+
+
+async def test_a_lone_request_is_decoded_and_run_on_every_core_with_the_same_answer(greedy):
+    stats = greedy.app.state.service.batcher.stats
+    alone = await predict_files(greedy, jpeg_part("green", "one.jpg"))
+    assert alone.status_code == 200, alone.text
+    assert stats.lone_batches == 1
+    # Three files are more than a lone batch: decoded in the pool, run on a 1-thread worker.
+    many = await predict_files(greedy, *(jpeg_part(c) for c in ("green", "red", "green")))
+    assert stats.lone_batches == 1 and stats.batches == 2
+    (lone,), (first, _, _) = alone.json()["predictions"], many.json()["predictions"]
+    assert lone["filename"] == "one.jpg" and lone["label"] == first["label"] == "green"
+    for a, b in zip(lone["top_k"], first["top_k"], strict=True):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    timings = alone.json()["timings_ms"]
+    assert 0 < timings["decode"] <= timings["total"] and timings["queue_and_inference"] > 0
+
+
+async def test_a_lone_bad_image_is_a_400_naming_it_and_nothing_is_held(greedy):
+    stats = greedy.app.state.service.batcher.stats
+    bad = await greedy.client.post(
+        "/predict", files=[("file", ("notes.jpg", b"not an image", "image/jpeg"))]
+    )
+    body = assert_error(bad, 400)
+    assert body["error"].startswith("notes.jpg: ") and stats.failed_batches == 0
+    assert (await predict_files(greedy, jpeg_part("red"))).status_code == 200
+
+
+async def test_lone_v2_requests_answer_as_predict_does(greedy):
+    pixels = preprocess_file_bytes(image_bytes("blue"), greedy.app.state.service.size)
+    uint8 = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, *pixels.shape],
+                         "data": pixels.ravel().tolist()}]}  # fmt: skip
+    files = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(image_bytes("blue")).decode()]}]}  # fmt: skip
+    url = "/v2/models/tiny-mobilevit/infer"
+    rows = []
+    for body in (uint8, files):
+        response = await greedy.client.post(url, json=body)
+        assert response.status_code == 200, response.text
+        rows.append(response.json()["outputs"][0]["data"])
+    assert greedy.app.state.service.batcher.stats.lone_batches == 2
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+
+
+async def test_lone_requests_leave_no_reference_cycles(greedy):
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            ok = await predict_files(greedy, jpeg_part("red"))
+            bad = await greedy.client.post(
+                "/predict", content=b"not an image", headers={"Content-Type": "image/jpeg"}
+            )
+            assert (ok.status_code, bad.status_code) == (200, 400)
+        assert greedy.app.state.service.batcher.stats.lone_batches == 3
+        assert app_garbage() == []
+    finally:
+        gc.enable()

@@ -80,6 +80,18 @@ def test_batches_are_augmented_float_pixels_with_one_hot_labels(photo_dir):
     assert not np.array_equal(first, batches[0][0])  # reshuffled, new crops
 
 
+def test_each_process_of_a_multi_process_run_gets_its_share_of_the_same_batches(photo_dir):
+    dataset = load_folder(photo_dir)
+    whole = PhotoBatches(dataset, 8, Augment(32), seed=4, epoch=2)
+    shares = [PhotoBatches(dataset, 8, Augment(32), seed=4, epoch=2, shard=(k, 2)) for k in (0, 1)]
+    assert len(whole) == len(shares[0]) == len(shares[1]) == 60 // 8
+    ids = whole._order[3 * 8 : 4 * 8]  # batch 3
+    for k, share in enumerate(shares):
+        x, y = share[3]
+        assert len(x) == 4
+        np.testing.assert_array_equal(y.argmax(axis=1), dataset.labels[ids[k::2]])
+
+
 def test_metrics_per_class_and_confusion():
     m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
     assert m["top1"] == 0.75
@@ -245,3 +257,19 @@ def test_mixed_batches_keep_soft_labels_in_proportion(mixup, cutmix):
             expected = own * 10.0 * i + (1 - own) * 10.0 * other
             assert mixed_x[i].mean() == pytest.approx(expected, abs=1e-3)
     assert MixBatch()(x, y, rng)[0] is x
+
+
+def test_resolution_scores_the_final_weights_at_each_test_size(tiny_run, capsys):
+    from training.resolution import main
+
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert main([str(tiny_run), "--sizes", f"{TINY_SIZE},{TINY_SIZE + 32}"]) == 0
+    printed = capsys.readouterr().out
+    assert "best:" in printed and "--image-size" in printed
+    result = json.loads((tiny_run / "resolution.json").read_text())
+    trained, larger = result["sizes"]
+    # At its own size the model is scored as the training report scored it.
+    assert trained["top1"] == pytest.approx(report["validation"]["top1"], abs=1e-6)
+    assert trained["images"] == larger["images"] == report["val_images"]
+    assert larger["relative_pixels"] > 1 and 0 <= larger["top1"] <= 1
+    assert result["best"] in result["sizes"]

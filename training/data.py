@@ -322,7 +322,9 @@ def eval_arrays(dataset: Dataset, size: int) -> np.ndarray:
 
 
 class PhotoBatches(keras.utils.PyDataset):
-    """Shuffled, augmented batches of (float32 pixels 0..255, one-hot labels)."""
+    """Shuffled, augmented batches of (float32 pixels 0..255, one-hot labels). With `shard`
+    (process, processes), a process of a multi-process run gets its share of each batch; the
+    batches are the same in every process."""
 
     def __init__(
         self,
@@ -332,12 +334,14 @@ class PhotoBatches(keras.utils.PyDataset):
         seed: int,
         epoch: int = 0,
         mix: MixBatch | None = None,
+        shard: tuple[int, int] = (0, 1),
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dataset, self.batch_size, self.transform = dataset, batch_size, transform
         self.mix = mix or MixBatch()
         self.seed, self.epoch = seed, epoch
+        self.shard = shard
         self.num_classes = len(dataset.class_names)
         self._order = self._shuffled()
 
@@ -348,8 +352,14 @@ class PhotoBatches(keras.utils.PyDataset):
         # Drop the last partial batch: BatchNorm statistics from a handful of images are noise.
         return max(1, len(self.dataset.labels) // self.batch_size)
 
+    @property
+    def images_per_epoch(self) -> int:
+        return len(self) * self.batch_size
+
     def __getitem__(self, index: int):
         ids = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        process, processes = self.shard
+        ids = ids[process::processes]  # this process's share of the batch
         rng = np.random.default_rng((self.seed, self.epoch, index))
         x = np.stack([self.transform(self.dataset.images[i], rng) for i in ids]).astype(np.float32)
         y = keras.utils.to_categorical(self.dataset.labels[ids], self.num_classes)

@@ -408,7 +408,25 @@ def resize_model(model: keras.Model, image_size: int, variant: str) -> keras.Mod
     return resized
 
 
-def _photos(
+#: Training photos BatchNorm statistics are re-estimated on at another input size.
+RECALIBRATION_PHOTOS = 1280
+
+
+def at_size(model: keras.Model, size: int, variant: str, root: Path, train_files) -> keras.Model:
+    """The model at `size` px. At another size than its own: the same weights, with every
+    BatchNorm's statistics re-estimated on training photos at that size (statistics seen at
+    the training size do not hold at another; FixRes-style test-resolution fix)."""
+    if model.input_shape[1] == size:
+        return model
+    from training.train import recalibrate_batchnorm
+
+    resized = resize_model(model, size, variant)
+    files = np.random.default_rng(1).permutation(train_files)[:RECALIBRATION_PHOTOS]
+    recalibrate_batchnorm(resized, load_photos(root, list(files), None, size).images)
+    return resized
+
+
+def load_photos(
     root: Path, files: list[str], labels: list[int] | None, size: int, skip_bad: bool = False
 ) -> Photos:
     """The files through the serving preprocessing; with `skip_bad`, files that do not decode
@@ -519,17 +537,10 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         raise ExportError(f"{root} has {len(labels)} class folders {labels}; the model has "
                           f"{model.output_shape[-1]} outputs")  # fmt: skip
     size = args.image_size or model.input_shape[1]
-    validation = _photos(root, val_files, labels_of(val_files, labels, root), size, not split)
+    validation = load_photos(root, val_files, labels_of(val_files, labels, root), size, not split)
     if not split:  # without a split every readable photo is scored and calibrated on
         train_files = validation.files
-    if args.image_size and args.image_size != model.input_shape[1]:
-        model = resize_model(model, args.image_size, variant)
-        # Statistics seen at the training size do not hold at another: re-estimate them
-        # on training photos at the export size (FixRes-style test-resolution fix).
-        from training.train import recalibrate_batchnorm
-
-        files = np.random.default_rng(1).permutation(train_files)[:1280]
-        recalibrate_batchnorm(model, _photos(root, list(files), None, size).images)
+    model = at_size(model, size, variant, root, train_files)
     rng = np.random.default_rng(0)
     calib_files = list(
         rng.choice(train_files, min(args.calibration_images, len(train_files)), replace=False)
@@ -572,7 +583,7 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         name=args.name or Path(args.out).name,
         version=args.version,
         variant=variant,
-        calibration=_photos(root, calib_files, None, size).images,
+        calibration=load_photos(root, calib_files, None, size).images,
         validation=validation,
         quantizations=quantizations,
         training_info=training_info,

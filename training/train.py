@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -256,18 +257,71 @@ def set_weights_by_path(model: keras.Model, weights: dict[str, np.ndarray], sour
     model.set_weights(values)
 
 
-def distribute(batch_size: int) -> int:
-    """Under JAX, data parallel over every device it finds (`keras.distribution.DataParallel`:
-    each batch split across them, weights replicated); the number of devices."""
+@dataclass(frozen=True)
+class Parallel:
+    """Where this process stands in a data-parallel run: every device JAX finds, over
+    `processes` processes on one or more hosts (1 under TensorFlow)."""
+
+    devices: int = 1
+    process: int = 0
+    processes: int = 1
+
+
+def start_processes() -> None:
+    """Join a multi-process JAX run when the `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
+    `..._NUM_PROCESSES` and `..._PROCESS_ID` variables describe one: `keras.distribution.
+    initialize()` reads them. On CPU the processes exchange gradients through gloo."""
     if keras.backend.backend() != "jax":
-        return 1
+        return
+    if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) <= 1:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize()
+
+
+def distribute(batch_size: int) -> Parallel:
+    """Under JAX, data parallel over every device it finds (`keras.distribution.DataParallel`:
+    each batch split across them, weights replicated). With several processes each one feeds
+    its own share of every batch (`PhotoBatches(shard=...)`)."""
+    if keras.backend.backend() != "jax":
+        return Parallel()
+    import jax
+
     devices = keras.distribution.list_devices()
+    parallel = Parallel(len(devices), jax.process_index(), jax.process_count())
     if len(devices) > 1:
         if batch_size % len(devices):
             raise DataError(f"--batch-size {batch_size} does not split over {len(devices)} devices")
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        log.info("data parallel over %d devices: %s", len(devices), ", ".join(devices))
-    return len(devices)
+        # Several processes: each passes only its share, which Keras must not split again.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=parallel.processes == 1))  # fmt: skip
+        log.info("data parallel over %d devices in %d process(es): %s", len(devices),
+                 parallel.processes, ", ".join(devices))  # fmt: skip
+    return parallel
+
+
+def process_run_dir(run_dir: Path, process: int) -> Path:
+    """Process 0 writes the run directory; every other process an identical copy of its own
+    under it (saving a model gathers the weights in every process, so all of them save)."""
+    return run_dir if process == 0 else run_dir / f"process-{process}"
+
+
+def jax_process_index() -> int:
+    if keras.backend.backend() != "jax":
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def jax_process_count() -> int:
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
 
 
 def predict_padded(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -282,6 +336,11 @@ def predict_padded(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> n
 
 def evaluate_arrays(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Accuracy and the model's own loss on (x, one-hot y)."""
+    if keras.distribution.distribution() and jax_process_count() > 1:
+        # Keras' predict cannot gather outputs across processes, its evaluate can reduce
+        # metrics: every process passes all of (x, y) as its share, so the means are the same.
+        loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
+        return {"accuracy": float(accuracy), "loss": float(loss)}
     probs = predict_padded(model, x)
     accuracy = float(np.mean(probs.argmax(axis=1) == y.argmax(axis=1)))
     return {"accuracy": accuracy, "loss": float(keras.ops.convert_to_numpy(model.loss(y, probs)))}
@@ -392,7 +451,7 @@ def fit_epochs(model, batches, validation, run_dir: Path, initial_epoch: int, ep
             "val_loss": float(val["loss"]),
             "learning_rate": float(model.optimizer.learning_rate),
             "epoch_seconds": time.perf_counter() - start,
-            "train_images_per_s": len(batches) * batches.batch_size / train_seconds,
+            "train_images_per_s": batches.images_per_epoch / train_seconds,
         }
         new_file = not log_path.exists() or log_path.stat().st_size == 0
         with open(log_path, "a", newline="") as handle:
@@ -486,6 +545,7 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
         "devices": len(keras.distribution.list_devices())
         if keras.backend.backend() == "jax"
         else 1,
+        "processes": jax_process_count(),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_confusion(metrics, run_dir / "confusion.png")
@@ -494,7 +554,8 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
 
 
 def train(args: argparse.Namespace) -> dict:
-    run_dir = Path(args.run_dir)
+    start_processes()
+    run_dir = process_run_dir(Path(args.run_dir), jax_process_index())
     config_path = run_dir / "config.json"
     if args.resume:
         if not (run_dir / "last.keras").exists():
@@ -521,7 +582,7 @@ def train(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(cfg["seed"])
     keras.mixed_precision.set_global_policy(cfg["precision"])
-    distribute(cfg["batch_size"])
+    parallel = distribute(cfg["batch_size"])
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)
@@ -561,6 +622,7 @@ def train(args: argparse.Namespace) -> dict:
         seed=cfg["seed"],
         epoch=initial_epoch,
         mix=MixBatch(cfg["mixup"], cfg["cutmix"]),
+        shard=(parallel.process, parallel.processes),
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
@@ -590,6 +652,9 @@ def train(args: argparse.Namespace) -> dict:
                best_so_far=max(
                    (float(r["val_accuracy"]) for r in rows), default=-1.0))  # fmt: skip
     log.info("training took %.0f s", time.perf_counter() - started)
+    # The rest runs in each process on its own (the same work, and only process 0's files are
+    # the run's): Keras' predict cannot gather outputs across processes.
+    keras.distribution.set_distribution(None)
     finalize(run_dir, train_set, cfg)
     report = write_report(run_dir, cfg, dataset, len(train_idx), val_set)
     log.info(
