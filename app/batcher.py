@@ -274,8 +274,14 @@ class Batcher:
         self._lone_free.clear()
         work = self._executor.submit(job)
         loop = asyncio.get_running_loop()
-        # Set once the thread is done, even if the caller gave up (deadline, client gone) before.
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._lone_free.set))
+
+        def done(_: concurrent.futures.Future) -> None:
+            # Once the thread is done, even if the caller gave up (deadline, client gone) before;
+            # after a forced stop the loop may be closed already.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._lone_free.set)
+
+        work.add_done_callback(done)
         return work
 
     def _inference_failed(self, size: int, seconds: float, exc: Exception) -> None:
