@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, machine: str) -> int:
             for batch in batches:
                 rate, p50 = measure(backend, photos, batch, args.seconds)
                 results[(artifact.file, n_threads, batch)] = rate
-                top1 = f"{artifact.validation_top1:.2%}" if artifact.validation_top1 else "-"
+                top1 = f"{artifact.top1:.2%}" if artifact.top1 else "-"
                 print(f"{artifact.file:<22}{artifact.quantization:<15}{top1:>10}{n_threads:>5}"
                       f"{batch:>7}{rate:>9.1f}{p50:>9.2f}")  # fmt: skip
 
@@ -90,12 +90,12 @@ def run(args: argparse.Namespace, machine: str) -> int:
     base = card.artifact("tflite", "model.tflite")
     base_rate = results[(base.file, best_threads, 1)]
     print(f"\nspeed-up over float32 TFLite at batch 1, {best_threads} threads "
-          f"(accuracy within 1 point of float32 {base.validation_top1:.2%}):")  # fmt: skip
+          f"(accuracy within 1 point of float32 {base.top1:.2%}):")  # fmt: skip
     for artifact in artifacts:
         if artifact.format != "tflite":
             continue
         rate = results[(artifact.file, best_threads, 1)]
-        keeps = (base.validation_top1 or 0) - (artifact.validation_top1 or 0) <= 0.01
+        keeps = (base.top1 or 0) - (artifact.top1 or 0) <= 0.01
         print(f"  {artifact.file:<22}{rate / base_rate:>6.2f}x  "
               f"{'keeps accuracy' if keeps else 'loses more than 1 point'}")  # fmt: skip
     return 0

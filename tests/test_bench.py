@@ -73,3 +73,14 @@ def test_a_benchmark_pauses_a_training_run_and_resumes_it_however_it_ends():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_inference_bench_prints_each_artifact_with_its_recorded_accuracy(tiny_model_dir, photo_dir,
+                                                                        capsys):  # fmt: skip
+    from bench.inference import main as inference
+
+    assert inference(["--model", str(tiny_model_dir), "--photos", str(photo_dir), "--seconds",
+                      "0.05", "--batches", "1", "--threads", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"^model\.tflite\s+float32\s+\d+\.\d\d%\s+1\s+1\s+[\d.]+\s+[\d.]+$", out, re.M)
+    assert "1.00x" in out
