@@ -20,7 +20,6 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -257,16 +256,6 @@ def set_weights_by_path(model: keras.Model, weights: dict[str, np.ndarray], sour
     model.set_weights(values)
 
 
-@dataclass(frozen=True)
-class Parallel:
-    """Where this process stands in a data-parallel run: every device JAX finds, over
-    `processes` processes on one or more hosts (1 under TensorFlow)."""
-
-    devices: int = 1
-    process: int = 0
-    processes: int = 1
-
-
 def start_processes() -> None:
     """Join a multi-process JAX run when the `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
     `..._NUM_PROCESSES` and `..._PROCESS_ID` variables describe one: `keras.distribution.
@@ -281,47 +270,38 @@ def start_processes() -> None:
     keras.distribution.initialize()
 
 
-def distribute(batch_size: int) -> Parallel:
-    """Under JAX, data parallel over every device it finds (`keras.distribution.DataParallel`:
-    each batch split across them, weights replicated). With several processes each one feeds
-    its own share of every batch (`PhotoBatches(shard=...)`)."""
+def processes() -> tuple[int, int]:
+    """(this process's index, the number of processes) of the run: (0, 1) but in a
+    multi-process JAX run."""
     if keras.backend.backend() != "jax":
-        return Parallel()
+        return 0, 1
     import jax
 
+    return jax.process_index(), jax.process_count()
+
+
+def distribute(batch_size: int) -> None:
+    """Under JAX, data parallel over every device it finds (`keras.distribution.DataParallel`:
+    each batch split across them, weights replicated). With several processes each one feeds
+    its own share of every batch (`PhotoBatches(shard=processes())`)."""
+    if keras.backend.backend() != "jax":
+        return
     devices = keras.distribution.list_devices()
-    parallel = Parallel(len(devices), jax.process_index(), jax.process_count())
+    count = processes()[1]
     if len(devices) > 1:
         if batch_size % len(devices):
             raise DataError(f"--batch-size {batch_size} does not split over {len(devices)} devices")
         # Several processes: each passes only its share, which Keras must not split again.
         keras.distribution.set_distribution(keras.distribution.DataParallel(
-            devices=devices, auto_shard_dataset=parallel.processes == 1))  # fmt: skip
-        log.info("data parallel over %d devices in %d process(es): %s", len(devices),
-                 parallel.processes, ", ".join(devices))  # fmt: skip
-    return parallel
+            devices=devices, auto_shard_dataset=count == 1))  # fmt: skip
+        log.info("data parallel over %d devices in %d process(es): %s", len(devices), count,
+                 ", ".join(devices))  # fmt: skip
 
 
 def process_run_dir(run_dir: Path, process: int) -> Path:
     """Process 0 writes the run directory; every other process an identical copy of its own
     under it (saving a model gathers the weights in every process, so all of them save)."""
     return run_dir if process == 0 else run_dir / f"process-{process}"
-
-
-def jax_process_index() -> int:
-    if keras.backend.backend() != "jax":
-        return 0
-    import jax
-
-    return jax.process_index()
-
-
-def jax_process_count() -> int:
-    if keras.backend.backend() != "jax":
-        return 1
-    import jax
-
-    return jax.process_count()
 
 
 def predict_padded(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -336,7 +316,7 @@ def predict_padded(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> n
 
 def evaluate_arrays(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Accuracy and the model's own loss on (x, one-hot y)."""
-    if keras.distribution.distribution() and jax_process_count() > 1:
+    if keras.distribution.distribution() and processes()[1] > 1:
         # Keras' predict cannot gather outputs across processes, its evaluate can reduce
         # metrics: every process passes all of (x, y) as its share, so the means are the same.
         loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
@@ -545,7 +525,7 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
         "devices": len(keras.distribution.list_devices())
         if keras.backend.backend() == "jax"
         else 1,
-        "processes": jax_process_count(),
+        "processes": processes()[1],
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_confusion(metrics, run_dir / "confusion.png")
@@ -555,7 +535,7 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
 
 def train(args: argparse.Namespace) -> dict:
     start_processes()
-    run_dir = process_run_dir(Path(args.run_dir), jax_process_index())
+    run_dir = process_run_dir(Path(args.run_dir), processes()[0])
     config_path = run_dir / "config.json"
     if args.resume:
         if not (run_dir / "last.keras").exists():
@@ -582,7 +562,7 @@ def train(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(cfg["seed"])
     keras.mixed_precision.set_global_policy(cfg["precision"])
-    parallel = distribute(cfg["batch_size"])
+    distribute(cfg["batch_size"])
     dataset = load_dataset(cfg, cfg.get("limit_per_class", 0))
     if args.resume:
         train_idx, val_idx = read_split(run_dir / "split.json", dataset.paths)
@@ -622,7 +602,7 @@ def train(args: argparse.Namespace) -> dict:
         seed=cfg["seed"],
         epoch=initial_epoch,
         mix=MixBatch(cfg["mixup"], cfg["cutmix"]),
-        shard=(parallel.process, parallel.processes),
+        shard=processes(),
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
