@@ -5,7 +5,8 @@ byte is read; 503 if the process's `BodyBudget` cannot hold it), the body counte
 streams in (413 at the limit, 503 past the budget), then multipart parsing
 of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
 `file` part), then decoding with the pixel limit checked from the image header (413) in
-`DECODE_THREADS` threads via `contract.preprocess.preprocess_bytes`, under the card's rule.
+`DECODE_THREADS` threads via `contract.preprocess.preprocess_bytes`, under the card's rule (a
+lone request's in the thread that then runs its inference, `Decoder.decode_here`).
 """
 
 from __future__ import annotations

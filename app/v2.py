@@ -208,7 +208,7 @@ class ParsedInfer:
 
     id: str | None
     pixels: list[np.ndarray] | None  # `images`: rows ready for the model
-    files: list[bytes] | None  # `image_bytes`: encoded files, decoded in the decode pool
+    files: list[bytes] | None  # `image_bytes`: encoded files, still to decode
     binary_output: bool
 
 
