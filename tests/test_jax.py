@@ -17,6 +17,7 @@ pytest.importorskip("jax", reason="jax is in the train extra; not installed here
 
 
 def test_a_jax_run_on_two_devices_learns_and_exports(photo_dir, tmp_path):
+    """Multi-scale too: JAX compiles the step once per batch size it meets."""
     from contract.card import load_model_card
     from training.export import main as export_main
 
@@ -26,7 +27,8 @@ def test_a_jax_run_on_two_devices_learns_and_exports(photo_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "training.train", "--data", str(photo_dir), "--run-dir", str(run),
          "--image-size", "64", "--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1",
-         "--no-ema", "--min-scale", "0.6", "--color-jitter", "0", "--val-fraction", "0.25"],
+         "--no-ema", "--min-scale", "0.6", "--color-jitter", "0", "--val-fraction", "0.25",
+         "--multi-scale", "64,96"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training import VARIANTS, build_model
-from training.model import Fold, ResizeTo, Unfold
+from training.model import AlignTo, Fold, ResizeTo, Unfold
 
 
 def test_fold_inverts_unfold():
@@ -61,6 +61,43 @@ def test_sizes_with_odd_last_map_forward_any_batch(size):
     np.testing.assert_allclose(single[0], probs[1], atol=1e-5)
 
 
+def test_a_model_of_any_size_matches_the_fixed_size_models_with_its_weights(tmp_path):
+    """Multi-scale training: one set of weights, batches at several sizes. Loaded into a model of
+    one fixed size (what export ships) the weights give the same outputs, also after a reload."""
+    model = build_model("xxs", num_classes=3, image_size=None)
+    assert model.input_shape == (None, None, None, 3)
+    model.save(tmp_path / "any.keras")
+    reloaded = keras.models.load_model(tmp_path / "any.keras")
+    for size in (64, 96, 160):  # 160: the last map is 5x5, aligned to 6x6 and back
+        fixed = build_model("xxs", num_classes=3, image_size=size)
+        fixed.set_weights(model.get_weights())
+        x = np.random.default_rng(size).uniform(0, 255, (2, size, size, 3)).astype("float32")
+        expected = np.asarray(fixed(x, training=False))
+        np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(reloaded(x, training=False)), expected, atol=1e-6)
+
+
+def test_align_resizes_up_to_the_patch_multiple_only_when_needed():
+    x = np.random.default_rng(4).normal(size=(1, 4, 6, 2)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(AlignTo(2)(x)), x)
+    assert tuple(AlignTo(2)(np.zeros((1, 5, 3, 2), "float32")).shape) == (1, 6, 4, 2)
+    like = np.zeros((1, 5, 3, 2), "float32")
+    assert tuple(ResizeTo()(np.zeros((1, 6, 4, 2), "float32"), like=like).shape) == (1, 5, 3, 2)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((5, 5), (6, 6)), ((6, 6), (5, 5)), ((4, 7), (4, 8))])
+def test_run_time_size_resize_equals_keras_bilinear_resize(shape, size):
+    """The any-size model's resize (for sizes known only at run time) is Keras' bilinear one,
+    which the fixed-size models that export ships use."""
+    from keras import ops
+
+    from training.model import resize_bilinear
+
+    x = np.random.default_rng(5).normal(size=(2, *shape, 3)).astype("float32")
+    expected = np.asarray(ops.image.resize(x, size, interpolation="bilinear"))
+    np.testing.assert_allclose(np.asarray(resize_bilinear(x, *size)), expected, atol=1e-6)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         build_model("xxs", 5, 100)
@@ -76,6 +113,6 @@ def test_keras_save_reload_gives_identical_outputs(tmp_path):
     model.save(tmp_path / "m.keras")
     reloaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(np.asarray(reloaded(x, training=False)), expected)
-    for layer in (Unfold(2), Fold(4, 6, 2), ResizeTo(6, 6)):
+    for layer in (Unfold(2), Fold(4, 6, 2), Fold(), ResizeTo(6, 6), ResizeTo(), AlignTo(2)):
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()

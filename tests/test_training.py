@@ -92,6 +92,33 @@ def test_each_process_of_a_multi_process_run_gets_its_share_of_the_same_batches(
         np.testing.assert_array_equal(y.argmax(axis=1), dataset.labels[ids[k::2]])
 
 
+def test_multi_scale_batches_take_each_size_in_turn(photo_dir):
+    dataset = load_folder(photo_dir)
+    batches = PhotoBatches(dataset, 8, Augment(32), seed=0, sizes=(32, 64, 96))
+    assert [batches[i][0].shape[1:3] for i in range(4)] == [(32, 32), (64, 64), (96, 96), (32, 32)]
+    batches.on_epoch_end()  # the next epoch starts one size on, so every size leads in turn
+    assert [batches[i][0].shape[1] for i in range(3)] == [64, 96, 32]
+
+
+def test_a_multi_scale_run_trains_one_model_on_every_size(photo_dir, tmp_path):
+    """Graph mode (no --run-eagerly): TensorFlow then traces the step for maps of unknown size,
+    which the fixed-size model never meets. final.keras is at --image-size, as without it."""
+    import keras
+
+    from training.train import main
+
+    run = tmp_path / "multi"
+    assert main(["--data", str(photo_dir), "--run-dir", str(run), "--image-size", "64",
+                 "--multi-scale", "64,96,160", "--epochs", "1", "--batch-size", "8",
+                 "--limit-per-class", "8", "--no-ema", "--no-jit-compile"]) == 0  # fmt: skip
+    assert keras.models.load_model(run / "last.keras").input_shape == (None, None, None, 3)
+    assert keras.models.load_model(run / "final.keras").input_shape == (None, 64, 64, 3)
+    report = json.loads((run / "report.json").read_text())
+    assert report["recipe"]["multi_scale"] == [64, 96, 160]
+    with pytest.raises(SystemExit):  # argparse: sizes must be multiples of 32
+        main(["--data", str(photo_dir), "--run-dir", str(tmp_path), "--multi-scale", "64,100"])
+
+
 def test_metrics_per_class_and_confusion():
     m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
     assert m["top1"] == 0.75

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
@@ -324,21 +324,26 @@ def eval_arrays(dataset: Dataset, size: int) -> np.ndarray:
 class PhotoBatches(keras.utils.PyDataset):
     """Shuffled, augmented batches of (float32 pixels 0..255, one-hot labels). With `shard`
     (process, processes), a process of a multi-process run gets its share of each batch; the
-    batches are the same in every process."""
+    batches are the same in every process. With `sizes` (multi-scale training, MobileViT's
+    sampler with a fixed batch size), batch i of epoch e is cropped to sizes[(i + e) % k]:
+    every size equally often, and no two batches in a row at one size (Keras' TensorFlow
+    adapter reads the input's shape off the first two batches: they must differ)."""
 
     def __init__(
         self,
         dataset: Dataset,
         batch_size: int,
-        transform: Callable[[Image.Image, np.random.Generator], np.ndarray],
+        transform: Augment,
         seed: int,
         epoch: int = 0,
         mix: MixBatch | None = None,
         shard: tuple[int, int] = (0, 1),
+        sizes: Sequence[int] = (),
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dataset, self.batch_size, self.transform = dataset, batch_size, transform
+        self.sizes = tuple(sizes)
         self.mix = mix or MixBatch()
         self.seed, self.epoch = seed, epoch
         self.shard = shard
@@ -361,7 +366,10 @@ class PhotoBatches(keras.utils.PyDataset):
         process, processes = self.shard
         ids = ids[process::processes]  # this process's share of the batch
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        x = np.stack([self.transform(self.dataset.images[i], rng) for i in ids]).astype(np.float32)
+        transform = self.transform
+        if self.sizes:
+            transform = replace(transform, size=self.sizes[(index + self.epoch) % len(self.sizes)])
+        x = np.stack([transform(self.dataset.images[i], rng) for i in ids]).astype(np.float32)
         y = keras.utils.to_categorical(self.dataset.labels[ids], self.num_classes)
         return self.mix(x, y, rng)
 

@@ -1,8 +1,11 @@
 """MobileViT v1 (Mehta & Rastegari, ICLR 2022) as defined by apple/ml-cvnets, in pure Keras 3 ops.
 
 Variants are rows of `VARIANTS`, all built by `build_model`. The only custom layers are the
-weight-free patch operations (`Unfold`, `Fold`, `ResizeTo`); everything with weights is a stock
-Keras layer, so `.keras` files, SavedModel export and TFLite conversion need no special handling.
+weight-free patch operations (`Unfold`, `Fold`, `ResizeTo`, `AlignTo`); everything with weights is
+a stock Keras layer, so `.keras` files, SavedModel export and TFLite conversion need no special
+handling. `build_model(image_size=None)` takes any size: the patch operations then read their
+sizes from the tensors they are given (multi-scale training); the same weights load into a model
+of one fixed size for export.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Unfold(layers.Layer):
         self.patch_size = patch_size
 
     def call(self, x):
-        _, height, width, channels = x.shape
+        _, height, width, channels = ops.shape(x)
         p = self.patch_size
         _check_divisible(height, width, p, self.name)
         nh, nw = height // p, width // p
@@ -68,7 +71,8 @@ class Unfold(layers.Layer):
         batch, height, width, channels = input_shape
         p = self.patch_size
         batch = None if batch is None else batch * p * p
-        return (batch, (height // p) * (width // p), channels)
+        patches = None if height is None or width is None else (height // p) * (width // p)
+        return (batch, patches, channels)
 
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size}
@@ -76,28 +80,34 @@ class Unfold(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mobilevit")
 class Fold(layers.Layer):
-    """Exact inverse of `Unfold`: [B*p*p, N, C] -> [B, H, W, C]."""
+    """Exact inverse of `Unfold`: [B*p*p, N, C] -> [B, H, W, C]. H and W are fixed, or (both
+    None) those of `like`, the map that was unfolded."""
 
-    def __init__(self, height: int, width: int, patch_size: int = PATCH_SIZE, **kwargs):
+    def __init__(
+        self, height: int | None = None, width: int | None = None, patch_size: int = PATCH_SIZE,
+        **kwargs,
+    ):  # fmt: skip
         super().__init__(**kwargs)
         self.height, self.width, self.patch_size = height, width, patch_size
 
-    def call(self, x):
+    def call(self, x, like=None):
         channels = x.shape[-1]
         p = self.patch_size
-        _check_divisible(self.height, self.width, p, self.name)
-        nh, nw = self.height // p, self.width // p
+        height, width = (self.height, self.width) if like is None else ops.shape(like)[1:3]
+        _check_divisible(height, width, p, self.name)
+        nh, nw = height // p, width // p
         x = ops.reshape(x, (-1, p * p, nh * nw, channels))  # [B*p*p, N, C] -> [B, p*p, N, C]
         x = ops.transpose(x, (0, 2, 1, 3))  # -> [B, N, p*p, C]
         x = ops.reshape(x, (-1, nw, p, p * channels))  # -> [B*nh, nw, p(row), p(col)*C]
         x = ops.transpose(x, (0, 2, 1, 3))  # -> [B*nh, p, nw, p*C]
-        return ops.reshape(x, (-1, self.height, self.width, channels))  # -> [B, H, W, C]
+        return ops.reshape(x, (-1, height, width, channels))  # -> [B, H, W, C]
 
-    def compute_output_shape(self, input_shape):
-        batch = input_shape[0]
+    def compute_output_shape(self, x_shape, like_shape=None):
+        batch = x_shape[0]
         p = self.patch_size
         batch = None if batch is None else batch // (p * p)
-        return (batch, self.height, self.width, input_shape[-1])
+        height, width = (self.height, self.width) if like_shape is None else like_shape[1:3]
+        return (batch, height, width, x_shape[-1])
 
     def get_config(self):
         return {
@@ -110,25 +120,76 @@ class Fold(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mobilevit")
 class ResizeTo(layers.Layer):
-    """Bilinear resize to a fixed size: ml-cvnets' fix for maps not divisible by the patch."""
+    """Bilinear resize to a fixed size, or (both None) to the size of `like`: ml-cvnets' fix for
+    maps not divisible by the patch, undone after the fold."""
 
-    def __init__(self, height: int, width: int, **kwargs):
+    def __init__(self, height: int | None = None, width: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.height, self.width = height, width
 
-    def call(self, x):
-        return ops.image.resize(x, (self.height, self.width), interpolation="bilinear")
+    def call(self, x, like=None):
+        if like is None:
+            return ops.image.resize(x, (self.height, self.width), interpolation="bilinear")
+        return resize_bilinear(x, *ops.shape(like)[1:3])
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.height, self.width, input_shape[-1])
+    def compute_output_shape(self, x_shape, like_shape=None):
+        height, width = (self.height, self.width) if like_shape is None else like_shape[1:3]
+        return (x_shape[0], height, width, x_shape[-1])
 
     def get_config(self):
         return {**super().get_config(), "height": self.height, "width": self.width}
 
 
+@keras.saving.register_keras_serializable(package="mobilevit")
+class AlignTo(layers.Layer):
+    """Bilinear resize up to the next multiple of `multiple` in each direction, for a model of
+    any input size (a fixed-size model uses `ResizeTo` only where its maps need it)."""
+
+    def __init__(self, multiple: int = PATCH_SIZE, **kwargs):
+        super().__init__(**kwargs)
+        self.multiple = multiple
+
+    def call(self, x):
+        height, width = ops.shape(x)[1:3]
+        if _known(height, width) and not (height % self.multiple or width % self.multiple):
+            return x
+        m = self.multiple
+        return resize_bilinear(x, -(-height // m) * m, -(-width // m) * m)
+
+    def compute_output_shape(self, input_shape):
+        m = self.multiple
+        return (
+            input_shape[0],
+            *(None if d is None else -(-d // m) * m for d in input_shape[1:3]),
+            input_shape[-1],
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "multiple": self.multiple}
+
+
+def resize_bilinear(x, height, width):
+    """`ops.image.resize(x, (height, width), "bilinear")` for sizes that may be known only at run
+    time (Keras' resize wants Python ints in TensorFlow's graph mode). Each axis is a matrix of
+    triangle-kernel weights: bilinear interpolation with half-pixel centres, edges clamped."""
+    x = ops.einsum("ih,bhwc->biwc", _interpolation(height, ops.shape(x)[1], x.dtype), x)
+    return ops.einsum("jw,biwc->bijc", _interpolation(width, ops.shape(x)[2], x.dtype), x)
+
+
+def _interpolation(out, size, dtype):
+    """[out, size] weights: row i interpolates output pixel i from the input pixels."""
+    source = (ops.cast(ops.arange(out), dtype) + 0.5) * ops.cast(size / out, dtype) - 0.5
+    source = ops.clip(source, 0.0, ops.cast(size, dtype) - 1.0)
+    return ops.relu(1.0 - ops.abs(source[:, None] - ops.cast(ops.arange(size), dtype)[None, :]))
+
+
+def _known(*sizes) -> bool:
+    return all(isinstance(size, int) for size in sizes)
+
+
 def _check_divisible(height, width, patch, name):
-    if height is None or width is None:
-        raise ValueError(f"{name}: MobileViT needs a static input size, got {height}x{width}")
+    if not _known(height, width):
+        return  # only known at run time (a model of any size): AlignTo made it divisible
     if height % patch or width % patch:
         raise ValueError(f"{name}: feature map {height}x{width} is not divisible by patch {patch}")
 
@@ -188,6 +249,14 @@ def _mobilevit_block(x, dim: int, depth: int, dropout: float, name: str):
     x = _conv_bn(x, channels, 3, name=f"{name}local_")
     x = layers.Conv2D(dim, 1, use_bias=False, name=f"{name}to_d")(x)  # no norm, no activation
     height, width = x.shape[1], x.shape[2]
+    if height is None or width is None:  # a model of any size: sizes come from the tensors
+        mapped = x
+        x = aligned = AlignTo(PATCH_SIZE, name=f"{name}align")(x)
+        x = Unfold(PATCH_SIZE, name=f"{name}unfold")(x)
+        x = _transformer(x, dim, depth, dropout, name=f"{name}transformer_")
+        x = Fold(patch_size=PATCH_SIZE, name=f"{name}fold")(x, like=aligned)
+        x = ResizeTo(name=f"{name}unalign")(x, like=mapped)
+        return _fuse(inputs, x, channels, name)
     aligned_h = -(-height // PATCH_SIZE) * PATCH_SIZE
     aligned_w = -(-width // PATCH_SIZE) * PATCH_SIZE
     if (aligned_h, aligned_w) != (height, width):
@@ -197,6 +266,11 @@ def _mobilevit_block(x, dim: int, depth: int, dropout: float, name: str):
     x = Fold(aligned_h, aligned_w, PATCH_SIZE, name=f"{name}fold")(x)  # -> [B, H, W, d]
     if (aligned_h, aligned_w) != (height, width):
         x = ResizeTo(height, width, name=f"{name}unalign")(x)
+    return _fuse(inputs, x, channels, name)
+
+
+def _fuse(inputs, x, channels: int, name: str):
+    """1x1 back to the block's channels, concatenated with its input, fused by a 3x3."""
     x = _conv_bn(x, channels, 1, name=f"{name}proj_")
     x = layers.Concatenate(name=f"{name}concat")([inputs, x])
     return _conv_bn(x, channels, 3, name=f"{name}fusion_")
@@ -205,16 +279,17 @@ def _mobilevit_block(x, dim: int, depth: int, dropout: float, name: str):
 def build_model(
     variant: str = "xxs",
     num_classes: int = 1000,
-    image_size: int = 256,
+    image_size: int | None = 256,
     transformer_dropout: float = 0.0,
     padding: str = "symmetric",
 ) -> keras.Model:
-    """MobileViT taking RGB pixels in 0..255 ([N, S, S, 3]) and returning class probabilities."""
+    """MobileViT taking RGB pixels in 0..255 ([N, S, S, 3]) and returning class probabilities;
+    `image_size=None` takes any S (multiple of 32) per batch."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     if padding not in PADDINGS:
         raise ValueError(f"unknown padding {padding!r}; choose one of {PADDINGS}")
-    if image_size < 64 or image_size % 32:
+    if image_size is not None and (image_size < 64 or image_size % 32):
         raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")

@@ -55,13 +55,25 @@ RECIPE_KEYS = (
     "data", "tfds", "variant", "image_size", "epochs", "batch_size", "lr", "weight_decay",
     "warmup_epochs", "label_smoothing", "min_scale", "color_jitter", "ema", "ema_momentum",
     "val_fraction", "seed", "precision", "transformer_dropout", "init_from", "augment",
-    "random_erasing", "mixup", "cutmix", "padding",
+    "random_erasing", "mixup", "cutmix", "padding", "multi_scale",
 )  # fmt: skip
 #: What a run recorded before an option existed ran without it (or, for padding, with Keras'
 #: "same", the builder's only padding then).
 RECIPE_DEFAULTS = {
     "augment": "basic", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "padding": "same",
+    "multi_scale": [],
 }  # fmt: skip
+
+
+def sizes_list(text: str) -> list[int]:
+    """`128,160,192` -> [128, 160, 192]; each a multiple of 32."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of sizes: {text!r}") from None
+    if len(sizes) < 2 or any(size < 64 or size % 32 for size in sizes):
+        raise argparse.ArgumentTypeError(f"two or more multiples of 32 (at least 64): {text!r}")
+    return sizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="basic: crop, flip, colour jitter; trivial: plus one TrivialAugment op per photo",
     )
     p.add_argument("--random-erasing", type=float, default=0.0, help="probability per photo")
+    p.add_argument(
+        "--multi-scale",
+        type=sizes_list,
+        default=[],
+        metavar="SIZES",
+        help="train on batches at these sizes in turn, e.g. 128,160,192 (MobileViT's "
+        "multi-scale sampler, batch size fixed); validation and final.keras at --image-size",
+    )
     p.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha; 0 off (e.g. 0.2)")
     p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha; 0 off (e.g. 1.0)")
     p.add_argument(
@@ -370,6 +390,13 @@ class _Prefetch:
             yield item
 
 
+def new_model(cfg: dict, num_classes: int, image_size: int | None) -> keras.Model:
+    """The run's model at `image_size` (None: any size, for multi-scale training)."""
+    return build_model(
+        cfg["variant"], num_classes, image_size, cfg["transformer_dropout"], cfg["padding"]
+    )
+
+
 def compile_model(model: keras.Model, cfg: dict, optimizer: keras.optimizers.Optimizer) -> None:
     model.compile(
         optimizer=optimizer,
@@ -467,6 +494,10 @@ def finalize(run_dir: Path, train_set: Dataset, cfg: dict, max_images: int = 128
     model = keras.models.load_model(run_dir / "last.keras")
     if cfg["ema"]:  # the moving averages replace the weights
         model.optimizer.finalize_variable_values(model.trainable_variables)
+    if model.input_shape[1] is None:  # multi-scale: final.keras is at --image-size, as others
+        fixed = new_model(cfg, model.output_shape[-1], cfg["image_size"])
+        fixed.set_weights(model.get_weights())
+        model = fixed
     order = np.random.default_rng(cfg["seed"]).permutation(len(train_set.labels))[:max_images]
     recalibrate_batchnorm(model, eval_arrays(train_set.subset(order), cfg["image_size"]))
     model.save(run_dir / "final.keras")
@@ -603,6 +634,7 @@ def train(args: argparse.Namespace) -> dict:
         epoch=initial_epoch,
         mix=MixBatch(cfg["mixup"], cfg["cutmix"]),
         shard=processes(),
+        sizes=cfg["multi_scale"],
     )
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
@@ -612,10 +644,7 @@ def train(args: argparse.Namespace) -> dict:
         replan_optimizer(model, cfg, len(batches))
         log.info("resuming at epoch %d of %d", initial_epoch + 1, cfg["epochs"])
     else:
-        model = build_model(
-            cfg["variant"], num_classes, cfg["image_size"], cfg["transformer_dropout"],
-            cfg["padding"],
-        )  # fmt: skip
+        model = new_model(cfg, num_classes, None if cfg["multi_scale"] else cfg["image_size"])
         if is_pretrained(cfg.get("init_from")):
             cfg["pretrained"] = pretrained_backbone(Path(cfg["init_from"]), model)
             config_path.write_text(json.dumps(cfg, indent=2))
