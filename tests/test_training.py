@@ -117,6 +117,10 @@ def test_a_multi_scale_run_trains_one_model_on_every_size(photo_dir, tmp_path):
     assert report["recipe"]["multi_scale"] == [64, 96]
     with pytest.raises(SystemExit):  # argparse: sizes must be multiples of 32
         main(["--data", str(photo_dir), "--run-dir", str(tmp_path), "--multi-scale", "64,100"])
+    one_batch = ["--data", str(photo_dir), "--run-dir", str(tmp_path / "one"), "--image-size", "64",
+                 "--multi-scale", "64,96", "--batch-size", "16",
+                 "--limit-per-class", "6"]  # fmt: skip
+    assert main(one_batch) == 2  # a single batch an epoch cannot alternate sizes
 
 
 def test_metrics_per_class_and_confusion():

@@ -636,6 +636,8 @@ def train(args: argparse.Namespace) -> dict:
         shard=processes(),
         sizes=cfg["multi_scale"],
     )
+    if cfg["multi_scale"] and len(batches) < 2:  # PhotoBatches: the first two must differ
+        raise DataError("--multi-scale needs at least two batches an epoch; lower --batch-size")
     x_val = eval_arrays(val_set, cfg["image_size"]).astype(np.float32)
     y_val = keras.utils.to_categorical(val_set.labels, num_classes)
 
