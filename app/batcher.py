@@ -16,7 +16,7 @@ nothing queued or running and `alone()` true (no other request in flight, not ev
 uploading or decoding), the request's `prepare` (its decode) and `lone` (an interpreter with a
 thread per core) run as one job in one thread, one hand-off instead of a decode thread's and
 an inference thread's. No batch starts beside it; anything arriving meanwhile waits the ~2 ms
-it takes, then runs as usual.
+it takes, then runs as usual (`prepare` declines images large enough to make that wait long).
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
@@ -54,6 +54,11 @@ BatchHook = Callable[[int, float, bool], None]
 
 class Overloaded(RuntimeError):
     """The queue is full, or the batcher is closing: try again later (503)."""
+
+
+class NotForAlone(Exception):
+    """Raised by a lone request's `prepare` before doing any work, to decline `run_alone` (its
+    images are too large to decode while every batch waits): the request goes the usual way."""
 
 
 class InferenceFailed(RuntimeError):
@@ -231,8 +236,8 @@ class Batcher:
     ) -> tuple[list[np.ndarray], float] | None:
         """The rows of a lone request's `count` images, made by `prepare` and run on `lone` in
         one job, and when `prepare` ended (`time.perf_counter()`); None (at once, nothing run)
-        unless the request is alone and nothing is queued or running. `prepare`'s own exceptions
-        (a bad image) propagate as they are."""
+        unless the request is alone and nothing is queued or running, or when `prepare` declines
+        (`NotForAlone`). `prepare`'s other exceptions (a bad image) propagate as they are."""
         if (
             self._lone is None
             or count > LONE_MAX_BATCH
@@ -254,6 +259,8 @@ class Batcher:
         try:
             # No local holds the job's future: its exception's traceback holds this frame.
             outputs = await asyncio.wrap_future(self._start_lone(job))
+        except NotForAlone:
+            return None
         except Exception as exc:
             if not timing:  # prepare failed: not an inference failure
                 raise

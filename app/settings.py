@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     max_files: int = Field(default=16, ge=1)
     """Most images in one request (multipart parts or v2 batch rows); more gets 413."""
 
-    request_timeout_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """Deadline for one request (body, decode, queue and inference); past it the answer is 504."""
 
     api_key: SecretStr | None = None
@@ -115,10 +115,16 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        # A key read from a file often ends in a newline; clients never send it.
+        value = value.strip()
+        if not value:
             return None
-        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
-            return None
+        if not value.isascii() or not value.isprintable():
+            raise ValueError("API_KEY must be printable ASCII (HTTP headers carry no other text)")
         return value
 
     @field_validator("cors_origins", mode="before")
@@ -150,6 +156,20 @@ class Settings(BaseSettings):
                 f"MAX_INFLIGHT_UPLOAD_BYTES ({self.max_inflight_upload_bytes}) must be at least "
                 f"MAX_UPLOAD_BYTES ({self.max_upload_bytes}), or the largest upload could never "
                 "be accepted"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.queue_limit < self.max_files:
+            raise ValueError(
+                f"QUEUE_LIMIT ({self.queue_limit}) must be at least MAX_FILES ({self.max_files}), "
+                "or a request with that many images would get 503 forever"
+            )
+        if self.max_batch_wait_s >= self.request_timeout_s:
+            raise ValueError(
+                f"MAX_BATCH_WAIT_MS ({self.max_batch_wait_ms:g}) must be shorter than "
+                f"REQUEST_TIMEOUT_S ({self.request_timeout_s:g}), or a lone request times out"
             )
         return self
 

@@ -142,6 +142,9 @@ def bytes_elements(name: str, shape: list[int], data, block: bytes | None,
     if block is not None:
         elements, offset = [], 0
         while offset < len(block):
+            if len(elements) == count:  # stop before walking (maybe millions of) extra ones
+                raise ApiError(400, f"input {name!r} has more than the {count} elements its "
+                               f"shape {shape} needs")  # fmt: skip
             if offset + _LENGTH.size > len(block):
                 raise ApiError(400, f"input {name!r}: element {len(elements)} has a truncated "
                                "4-byte length")  # fmt: skip
@@ -158,6 +161,9 @@ def bytes_elements(name: str, shape: list[int], data, block: bytes | None,
                            "supported; send base64 strings or binary data")  # fmt: skip
         if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
             raise ApiError(400, f"input {name!r}: BYTES data in JSON must be base64 strings")
+        if len(data) != count:  # before decoding any of them
+            raise ApiError(400, f"input {name!r} has {len(data)} elements; shape {shape} needs "
+                           f"{count}")  # fmt: skip
         try:
             elements = [base64.b64decode(v, validate=True) for v in data]
         except (binascii.Error, ValueError):

@@ -328,7 +328,9 @@ def cheap_to_parse(body: bytes, headers) -> bool:
     if headers.get("content-encoding", "identity").strip().lower() != "identity":
         return False
     length = headers.get(tensors.HEADER_LENGTH)
-    json_bytes = int(length) if length and length.isdigit() else len(body)
+    # ASCII digits, and short: int() refuses "²" and numbers past 4,300 digits (a 500, not a 400)
+    valid = length is not None and length.isascii() and length.isdigit() and len(length) <= 18
+    json_bytes = int(length) if valid else len(body)
     return json_bytes <= INLINE_PARSE_BYTES
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from app.batcher import Batcher, InferenceFailed, Overloaded
+from app.batcher import Batcher, InferenceFailed, NotForAlone, Overloaded
 
 pytest_plugins = ["tests.serving_fixtures"]
 pytestmark = pytest.mark.anyio
@@ -421,6 +421,14 @@ async def test_run_alone_declines_without_running_anything_unless_alone_and_idle
         assert await batcher.run_alone(prepare, 3) is None  # more images than the lone batch
         assert prepared == [] and calls == []
         assert (await batcher.run_alone(prepare, 1))[0][0][0] == 1.0
+
+        def declines():
+            prepared.append(2)
+            raise NotForAlone
+
+        assert await batcher.run_alone(declines, 1) is None  # too large: the usual way
+        assert len(await batcher.predict_many([image(1)])) == 1  # nothing held
+        assert batcher.stats.lone_batches == 1
         solo = Batcher(lambda images: np.zeros((len(images), 2)), lone=lambda images: images)
         solo.start()
         assert await solo.run_alone(prepare, 1) is None  # one replica: no lone predict

@@ -11,11 +11,13 @@ import base64
 import gc
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
+import zlib
 from pathlib import Path
 
 import httpx
@@ -109,6 +111,23 @@ def test_the_upload_budget_holds_at_least_the_largest_upload():
     assert Settings(max_inflight_upload_bytes=2**20, max_upload_bytes=2**20)
     with pytest.raises(ValueError, match="MAX_INFLIGHT_UPLOAD_BYTES"):
         Settings(max_inflight_upload_bytes=2**20, max_upload_bytes=2**21)
+
+
+def test_contradictory_limits_are_refused_at_startup():
+    with pytest.raises(ValueError, match="QUEUE_LIMIT"):  # 9 images would get 503 forever
+        Settings(queue_limit=8, max_files=16)
+    with pytest.raises(ValueError, match="MAX_BATCH_WAIT_MS"):  # every lone request: 504
+        Settings(max_batch_wait_ms=5000, request_timeout_s=2)
+    with pytest.raises(ValueError, match="request_timeout_s"):  # python -m app: int(inf)
+        Settings(request_timeout_s=float("inf"))
+
+
+def test_the_api_key_is_stripped_and_must_be_ascii():
+    # A key mounted from a file (a Kubernetes secret) often ends in a newline.
+    assert Settings(api_key="hunter2\n").api_key.get_secret_value() == "hunter2"
+    assert Settings(api_key=" \n").api_key is None
+    with pytest.raises(ValueError, match="printable ASCII"):  # headers arrive as latin-1
+        Settings(api_key="clé")
 
 
 def test_import_and_create_app_load_nothing(tmp_path):
@@ -727,6 +746,24 @@ async def test_a_lone_request_is_decoded_and_run_on_every_core_with_the_same_ans
         assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
     timings = alone.json()["timings_ms"]
     assert 0 < timings["decode"] <= timings["total"] and timings["queue_and_inference"] > 0
+
+
+async def test_a_lone_image_over_a_megapixel_is_decoded_in_the_pool(greedy):
+    """No batch waits on its decode: it takes the usual path, with the same answer."""
+    stats = greedy.app.state.service.batcher.stats
+    large = await predict_files(greedy, jpeg_part("green", size=(1200, 1000)))
+    assert large.status_code == 200, large.text
+    assert (stats.lone_batches, stats.batches) == (0, 1)
+    small = await predict_files(greedy, jpeg_part("green", size=(120, 100)))
+    assert (stats.lone_batches, stats.batches) == (1, 2)  # batches counts both kinds
+    (a,), (b,) = large.json()["predictions"], small.json()["predictions"]
+    assert a["label"] == b["label"] == "green"
+    # A PNG whose header claims 8000x6000 (48 MP, over MAX_IMAGE_PIXELS): still 413.
+    png = bytearray(image_bytes("green", fmt="PNG"))
+    png[16:24] = struct.pack(">II", 8000, 6000)
+    png[29:33] = struct.pack(">I", zlib.crc32(png[12:29]))
+    refused = await greedy.client.post("/predict", files=[("file", ("big.png", bytes(png)))])
+    assert_error(refused, 413)
 
 
 async def test_a_lone_bad_image_is_a_400_naming_it_and_nothing_is_held(greedy):

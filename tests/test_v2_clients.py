@@ -174,6 +174,10 @@ MALFORMED = {
     "undecodable_image": binary_request([_bytes(12)], [element(b"not an image")]),
     "count_disagrees_with_shape": binary_request([_bytes(5, (2,))], [element(b"x")]),
     "trailing_bytes": binary_request([_pixels(len(PIXELS))], [PIXELS, b"extra"]),
+    "header_length_of_4301_digits": (binary_request([_pixels(len(PIXELS))], [PIXELS])[0],
+        {"Inference-Header-Content-Length": "1" * 4301}),
+    "header_length_not_ascii": (binary_request([_pixels(len(PIXELS))], [PIXELS])[0],
+        {"Inference-Header-Content-Length": b"\xb2"}),  # latin-1 superscript two: isdigit()
 }  # fmt: skip
 
 
@@ -182,6 +186,22 @@ def test_malformed_binary_requests_are_4xx_in_the_protocol_shape(server, case):
     body, headers = MALFORMED[case]
     response = httpx.post(f"http://{server}/v2/models/{MODEL}/infer", content=body, headers=headers)
     assert_error(response, 400)
+
+
+def test_extra_bytes_elements_are_refused_before_they_are_walked(server):
+    """A 4-MB block of empty elements for a shape of one: refused at the second element (on the
+    event loop, walking them all would stall every other request for about a second)."""
+    empty = struct.pack("<I", 0)
+    body, headers = binary_request([_bytes(len(empty) * 10**6)], [empty * 10**6])
+    response = httpx.post(f"http://{server}/v2/models/{MODEL}/infer", content=body,
+                          headers=headers)  # fmt: skip
+    assert_error(response, 400)
+    assert "more than the 1 elements" in response.json()["error"]
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                           "data": ["AA=="] * 3}]}  # fmt: skip
+    response = httpx.post(f"http://{server}/v2/models/{MODEL}/infer", json=request)
+    assert_error(response, 400)
+    assert "has 3 elements" in response.json()["error"]
 
 
 def test_compressed_bodies_count_against_the_limit_decompressed(server):
