@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     (bench/serve.py measured both)."""
 
     queue_limit: int = Field(default=256, ge=1)
-    """Images that may wait for inference; beyond it requests get 503 with `Retry-After`."""
+    """Images that may wait for inference; beyond it requests get 503 with `Retry-After`. At
+    least MAX_FILES."""
 
     processes: int | None = Field(default=None, ge=1, le=256)
     """uvicorn processes `python -m app` starts. Default: derived from the usable CPUs
@@ -106,11 +107,13 @@ class Settings(BaseSettings):
     """Most images in one request (multipart parts or v2 batch rows); more gets 413."""
 
     request_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    """Deadline for one request (body, decode, queue and inference); past it the answer is 504."""
+    """Deadline for one request (body, decode, queue and inference); past it the answer is 504.
+    Longer than MAX_BATCH_WAIT_MS."""
 
     api_key: SecretStr | None = None
     """If set, `/predict` and v2 `infer` need `Authorization: Bearer <key>` or `X-API-Key: <key>`;
-    health, metrics and model-info stay open. Unset or empty: no authentication."""
+    health, metrics and model-info stay open. Printable ASCII; surrounding whitespace (a file's
+    final newline) is dropped. Unset or empty: no authentication."""
 
     @field_validator("api_key", mode="before")
     @classmethod
