@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+from PIL import Image
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -100,8 +101,10 @@ class Settings(BaseSettings):
     that many large uploads at once can take. Default: 256 MiB, or MAX_UPLOAD_BYTES if that is
     larger; set, it must be at least MAX_UPLOAD_BYTES."""
 
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
-    """Largest image (width x height) decoded; checked from the header, larger gets 413."""
+    # At most Pillow's own bomb limit, which refuses larger images before this check would.
+    max_image_pixels: int = Field(default=40_000_000, ge=1, le=Image.MAX_IMAGE_PIXELS)
+    """Largest image (width x height) decoded; checked from the header, larger gets 413. At
+    most 89,478,485 (Pillow's own limit)."""
 
     max_files: int = Field(default=16, ge=1)
     """Most images in one request (multipart parts or v2 batch rows); more gets 413."""

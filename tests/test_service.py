@@ -120,6 +120,8 @@ def test_contradictory_limits_are_refused_at_startup():
         Settings(max_batch_wait_ms=5000, request_timeout_s=2)
     with pytest.raises(ValueError, match="request_timeout_s"):  # python -m app: int(inf)
         Settings(request_timeout_s=float("inf"))
+    with pytest.raises(ValueError, match="max_image_pixels"):  # past Pillow's own bomb limit
+        Settings(max_image_pixels=100_000_000)
 
 
 def test_the_api_key_is_stripped_and_must_be_ascii():
