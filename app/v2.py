@@ -256,13 +256,21 @@ def input_files(tensor: InferInput, block: bytes | None, max_images: int) -> lis
 def check_outputs(request: InferRequest) -> bool:
     """Whether the output goes back binary: asked for per output (`binary_data`) or for all
     (`binary_data_output`), as tritonclient does by default."""
-    everything = bool((request.parameters or {}).get("binary_data_output", False))
+    everything = _flag(request.parameters, "binary_data_output", False)
     binary = everything
     for output in request.outputs or []:
         if output.name != OUTPUT_NAME:
             raise ApiError(400, f"unknown output {output.name!r}; this model has {OUTPUT_NAME!r}")
-        binary = bool((output.parameters or {}).get("binary_data", everything))
+        binary = _flag(output.parameters, "binary_data", everything)
     return binary
+
+
+def _flag(parameters: dict | None, name: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false only (the string "false" is not false)."""
+    value = (parameters or {}).get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"parameter {name!r} must be true or false, not {value!r}")
+    return value
 
 
 def parse_infer(

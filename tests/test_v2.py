@@ -134,6 +134,11 @@ BAD_REQUESTS = {
     "no_inputs": {"inputs": []},
     "missing_inputs": {"id": "x"},
     "unknown_output": {**_tensor(), "outputs": [{"name": "logits"}]},
+    "binary_data_as_string": {
+        **_tensor(),
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": "false"}}],
+    },
+    "binary_data_output_as_number": {**_tensor(), "parameters": {"binary_data_output": 1}},
     "json_list": [1, 2, 3],
 }
 
