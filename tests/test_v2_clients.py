@@ -189,8 +189,8 @@ def test_malformed_binary_requests_are_4xx_in_the_protocol_shape(server, case):
 
 
 def test_extra_bytes_elements_are_refused_before_they_are_walked(server):
-    """A 4-MB block of empty elements for a shape of one: refused at the second element (on the
-    event loop, walking them all would stall every other request for about a second)."""
+    """A 4-MB block of empty elements for a shape of one: refused at the second element (it is
+    parsed on the event loop, where walking a million would stall every other request)."""
     empty = struct.pack("<I", 0)
     body, headers = binary_request([_bytes(len(empty) * 10**6)], [empty * 10**6])
     response = httpx.post(f"http://{server}/v2/models/{MODEL}/infer", content=body,
