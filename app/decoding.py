@@ -154,7 +154,7 @@ async def read_body(
     while True:
         message = await receive()
         if message["type"] != "http.request":  # http.disconnect
-            raise ApiError(400, "client disconnected before sending the whole body")
+            raise ApiError(499, "client disconnected before sending the whole body")
         body += message.get("body", b"")
         if len(body) > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes")

@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from starlette.datastructures import Headers
 
-from app.decoding import Decoder
+from app.decoding import BodyBudget, Decoder, read_body
 from app.errors import ApiError
 from app.main import create_app
 from app.predict import PredictResponse
@@ -325,6 +326,21 @@ async def test_a_quick_request_starts_no_disconnect_watcher():
             await asyncio.sleep(30)
     assert gone.value.status == 499
     assert RequestDeadline.WATCH_AFTER_S <= time.monotonic() - started < 5
+
+
+async def test_a_client_gone_during_the_upload_is_499_and_frees_its_share():
+    messages = [
+        {"type": "http.disconnect"},
+        {"type": "http.request", "body": b"ab", "more_body": True},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop()
+
+    budget = BodyBudget(100)
+    with pytest.raises(ApiError) as gone, budget.reserve() as reservation:
+        await read_body(Headers({"content-length": "10"}), receive, 100, reservation)
+    assert gone.value.status == 499 and budget.used == 0
 
 
 async def test_openapi_describes_the_api(served):
