@@ -52,9 +52,25 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def accepted_encodings(accept_encoding: str | None) -> set[str]:
+    """The codings an Accept-Encoding header accepts: listed, and not with `q=0` (refused)."""
+    accepted = set()
+    for part in (accept_encoding or "").split(","):
+        name, *params = (field.strip() for field in part.split(";"))
+        pairs = (param.partition("=") for param in params)
+        weights = [value for key, _, value in pairs if key.lower() == "q"]
+        try:
+            refused = bool(weights) and float(weights[0]) <= 0
+        except ValueError:
+            refused = True  # an unreadable weight accepts nothing
+        if name and not refused:
+            accepted.add(name.lower())
+    return accepted
+
+
 def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
     """`body` in the first of gzip or deflate the client accepts, with its name; else as is."""
-    offered = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
+    offered = accepted_encodings(accept_encoding)
     if "gzip" in offered:
         return gzip.compress(body, compresslevel=1), "gzip"
     if "deflate" in offered:

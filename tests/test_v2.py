@@ -198,3 +198,14 @@ async def test_infer_failure_is_500(served, monkeypatch):
 def test_bad_requests_are_valid_json():
     for body in BAD_REQUESTS.values():
         json.dumps(body)
+
+
+def test_responses_are_compressed_only_as_the_client_accepts():
+    from app.tensors import accepted_encodings, compress
+
+    assert accepted_encodings("gzip, deflate, br") == {"gzip", "deflate", "br"}
+    assert accepted_encodings("gzip;q=0, deflate;q=0.5") == {"deflate"}
+    assert accepted_encodings("gzip; q=0.0") == set() and accepted_encodings(None) == set()
+    assert accepted_encodings("gzip;q=x, identity") == {"identity"}
+    assert compress(b"x" * 100, "gzip;q=0, deflate")[1] == "deflate"
+    assert compress(b"x" * 100, "gzip;q=0") == (b"x" * 100, None)
