@@ -56,6 +56,11 @@ class Overloaded(RuntimeError):
     """The queue is full, or the batcher is closing: try again later (503)."""
 
 
+def _rows_for(outputs: np.ndarray, count: int) -> bool:
+    """Whether a backend's answer is one row of probabilities per image."""
+    return outputs.ndim == 2 and outputs.shape[0] == count
+
+
 class NotForAlone(Exception):
     """Raised by a lone request's `prepare` before doing any work, to decline `run_alone` (its
     images are too large to decode while every batch waits): the request goes the usual way."""
@@ -249,44 +254,57 @@ class Batcher:
             return None
         self.admit(count)  # still refuses while closing
         lone = self._lone
-        timing: list[float] = []
+        timing: list[float] = []  # when prepare ended, when the inference ended
 
         def job() -> np.ndarray:
             images = prepare()
             timing.append(time.perf_counter())
-            return np.asarray(lone(images))
+            try:
+                return np.asarray(lone(images))
+            finally:
+                timing.append(time.perf_counter())
 
         try:
             # No local holds the job's future: its exception's traceback holds this frame.
-            outputs = await asyncio.wrap_future(self._start_lone(job))
+            outputs = await asyncio.wrap_future(self._start_lone(job, count, timing))
         except NotForAlone:
             return None
         except Exception as exc:
             if not timing:  # prepare failed: not an inference failure
                 raise
-            self.stats.lone_batches += 1
-            self._inference_failed(count, time.perf_counter() - timing[0], exc)
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from None
-        self.stats.lone_batches += 1
-        seconds = time.perf_counter() - timing[0]
-        if outputs.ndim != 2 or outputs.shape[0] != count:
-            exc = ValueError(f"backend returned shape {outputs.shape} for {count} images")
-            self._inference_failed(count, seconds, exc)
+        if not _rows_for(outputs, count):
             raise InferenceFailed("inference failed: ValueError")
-        self._record(count, seconds, failed=False)
         return list(outputs), timing[0]
 
-    def _start_lone(self, job: Callable[[], np.ndarray]) -> concurrent.futures.Future:
+    def _start_lone(
+        self, job: Callable[[], np.ndarray], count: int, timing: list[float]
+    ) -> concurrent.futures.Future:
         assert self._executor is not None
         self._lone_free.clear()
         work = self._executor.submit(job)
         loop = asyncio.get_running_loop()
 
-        def done(_: concurrent.futures.Future) -> None:
-            # Once the thread is done, even if the caller gave up (deadline, client gone) before;
-            # after a forced stop the loop may be closed already.
+        def finish(work: concurrent.futures.Future) -> None:
+            # On the loop, before the caller resumes, and also when the caller gave up
+            # (deadline, client gone) while the job ran: the inference it did is counted.
+            self._lone_free.set()
+            if len(timing) < 2:  # prepare failed or declined: nothing ran
+                return
+            self.stats.lone_batches += 1
+            seconds = timing[1] - timing[0]
+            exc = work.exception()
+            if exc is None and not _rows_for(outputs := work.result(), count):
+                exc = ValueError(f"backend returned shape {outputs.shape} for {count} images")
+            if exc is None:
+                self._record(count, seconds, failed=False)
+            else:
+                self._inference_failed(count, seconds, exc)
+
+        def done(work: concurrent.futures.Future) -> None:
+            # After a forced stop the loop may be closed already.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._lone_free.set)
+                loop.call_soon_threadsafe(finish, work)
 
         work.add_done_callback(done)
         return work
@@ -361,7 +379,7 @@ class Batcher:
             images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
             outputs = await loop.run_in_executor(self._executor, predict, images)
             outputs = np.asarray(outputs)
-            if outputs.ndim != 2 or outputs.shape[0] != len(batch):
+            if not _rows_for(outputs, len(batch)):
                 raise ValueError(f"backend returned shape {outputs.shape} for {len(batch)} images")
         except asyncio.CancelledError:  # forced stop: nobody may wait on these forever
             for item in batch:

@@ -405,6 +405,30 @@ async def test_a_lone_request_decodes_and_runs_on_the_wide_predict_in_one_thread
         await batcher.close()
 
 
+async def test_a_lone_job_whose_caller_left_is_still_counted():
+    gate = threading.Event()
+
+    def wide(images):
+        assert gate.wait(5)
+        return np.ones((len(images), 2), np.float32)
+
+    batcher, calls = lone_batcher(wide)
+    hook: list[tuple[int, bool]] = []
+    batcher._on_batch = lambda size, seconds, failed: hook.append((size, failed))
+    try:
+        caller = asyncio.ensure_future(batcher.run_alone(lambda: np.zeros((1, 2, 2, 3)), 1))
+        await wait_until(lambda: calls == ["wide1"])
+        caller.cancel()  # its deadline passed, or its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gate.set()  # the inference it started still runs to the end
+        await wait_until(lambda: batcher._lone_free.is_set())
+        assert hook == [(1, False)] and batcher.stats.lone_batches == 1
+    finally:
+        gate.set()
+        await batcher.close()
+
+
 async def test_run_alone_declines_without_running_anything_unless_alone_and_idle():
     in_flight = {"n": 2}
     batcher, calls = lone_batcher(lambda images: np.ones((len(images), 2), np.float32),
