@@ -405,13 +405,19 @@ async def test_a_lone_request_decodes_and_runs_on_the_wide_predict_in_one_thread
         await batcher.close()
 
 
-async def test_a_lone_job_whose_caller_left_is_still_counted():
+def gated_wide():
+    """A lone request's predict that ends when the test opens its gate."""
     gate = threading.Event()
 
     def wide(images):
         assert gate.wait(5)
         return np.ones((len(images), 2), np.float32)
 
+    return gate, wide
+
+
+async def test_a_lone_job_whose_caller_left_is_still_counted():
+    gate, wide = gated_wide()
     batcher, calls = lone_batcher(wide)
     hook: list[tuple[int, bool]] = []
     batcher._on_batch = lambda size, seconds, failed: hook.append((size, failed))
@@ -486,12 +492,7 @@ async def test_run_alone_failures_prepare_raises_as_is_inference_fails_the_reque
 
 
 async def test_close_waits_for_a_lone_request_running_and_refuses_new_ones():
-    gate = threading.Event()
-
-    def wide(images):
-        assert gate.wait(5)
-        return np.ones((len(images), 2), np.float32)
-
+    gate, wide = gated_wide()
     batcher, _ = lone_batcher(wide)
     running = asyncio.ensure_future(batcher.run_alone(lambda: np.zeros((1, 2, 2, 3)), 1))
     await asyncio.sleep(0.02)
