@@ -14,9 +14,13 @@ interpreter split over both cores stalls whenever either core is taken (bench/se
 request that is alone, though, would leave all cores but one idle. `run_alone` serves it: with
 nothing queued or running and `alone()` true (no other request in flight, not even one still
 uploading or decoding), the request's `prepare` (its decode) and `lone` (an interpreter with a
-thread per core) run as one job in one thread, one hand-off instead of a decode thread's and
-an inference thread's. No batch starts beside it; anything arriving meanwhile waits the ~2 ms
-it takes, then runs as usual (`prepare` declines images large enough to make that wait long).
+thread per core) run right there, on the event loop's thread, as a plain FastAPI server would:
+handing them to a thread and back cost 0.1-0.3 ms of a lone request's ~2.5 (docs/experiments.md).
+Nothing else runs meanwhile; anything arriving waits the ~2 ms it takes, then runs as usual
+(`prepare` declines images large enough to make that wait long). Before deciding, the request
+lets the loop turn a few times, so that requests already received but not yet started count
+in `alone()`: without that, while the loop ran one lone request every other client's request
+waited unread, each next one found itself alone, and batching stopped under load.
 
 Bounded and never hanging: the queue holds at most `queue_limit` images and `submit` raises
 `Overloaded` at once when it is full (the service answers 503 + Retry-After). A caller that gives
@@ -33,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +49,9 @@ logger = logging.getLogger("app.batcher")
 Predict = Callable[[np.ndarray], np.ndarray]
 #: Largest batch that may run on the many-thread `lone` predict: a lone request's images.
 LONE_MAX_BATCH = 2
-#: Makes a lone request's images (decodes them), in the inference thread: [N, H, W, 3].
+#: Turns of the event loop a request waits before it may run alone (`Batcher.run_alone`).
+LOOP_TURNS_BEFORE_ALONE = 3
+#: Makes a lone request's images (decodes them), on the event loop's thread: [N, H, W, 3].
 Prepare = Callable[[], np.ndarray]
 #: Called after every backend call: (batch size, seconds in predict, whether it failed).
 BatchHook = Callable[[int, float, bool], None]
@@ -117,9 +122,6 @@ class Batcher:
         for index in range(len(replicas)):
             self._idle.put_nowait(index)
         self._running: set[asyncio.Task] = set()
-        # Clear while a lone request's job runs: no batch starts until it is set again.
-        self._lone_free = asyncio.Event()
-        self._lone_free.set()
         self._on_batch = on_batch
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -165,9 +167,6 @@ class Batcher:
                 await asyncio.gather(worker, return_exceptions=True)
             except Exception:
                 pass  # a crashed worker was already logged by _worker_done
-        if not self._lone_free.is_set():  # a lone request's job still running
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lone_free.wait(), timeout)
         while self._queue:  # left over after a forced stop
             item = self._queue.popleft()
             if not item.future.done():
@@ -239,75 +238,34 @@ class Batcher:
     async def run_alone(
         self, prepare: Prepare, count: int
     ) -> tuple[list[np.ndarray], float] | None:
-        """The rows of a lone request's `count` images, made by `prepare` and run on `lone` in
-        one job, and when `prepare` ended (`time.perf_counter()`); None (at once, nothing run)
-        unless the request is alone and nothing is queued or running, or when `prepare` declines
-        (`NotForAlone`). `prepare`'s other exceptions (a bad image) propagate as they are."""
-        if (
-            self._lone is None
-            or count > LONE_MAX_BATCH
-            or self._queue
-            or self._running
-            or not self._lone_free.is_set()
-            or not self._alone()
-        ):
+        """The rows of a lone request's `count` images, made by `prepare` and run on `lone` on
+        the event loop's thread, and when `prepare` ended (`time.perf_counter()`); None (nothing
+        run) unless the request is alone and nothing is queued or running, or when `prepare`
+        declines (`NotForAlone`). `prepare`'s other exceptions (a bad image) propagate as they
+        are; a failing `lone` raises `InferenceFailed`."""
+        if self._lone is None or count > LONE_MAX_BATCH:
+            return None
+        # A request received is read in one turn of the loop and started in the next.
+        for _ in range(LOOP_TURNS_BEFORE_ALONE):
+            await asyncio.sleep(0)
+        if self._queue or self._running or not self._alone():
             return None
         self.admit(count)  # still refuses while closing
-        lone = self._lone
-        timing: list[float] = []  # when prepare ended, when the inference ended
-
-        def job() -> np.ndarray:
-            images = prepare()
-            timing.append(time.perf_counter())
-            try:
-                return np.asarray(lone(images))
-            finally:
-                timing.append(time.perf_counter())
-
         try:
-            # No local holds the job's future: its exception's traceback holds this frame.
-            outputs = await asyncio.wrap_future(self._start_lone(job, count, timing))
+            images = prepare()
         except NotForAlone:
             return None
+        prepared = time.perf_counter()
+        try:
+            outputs = np.asarray(self._lone(images))
+            if not _rows_for(outputs, count):
+                raise ValueError(f"backend returned shape {outputs.shape} for {count} images")
         except Exception as exc:
-            if not timing:  # prepare failed: not an inference failure
-                raise
+            self._inference_failed(count, time.perf_counter() - prepared, exc)
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from None
-        if not _rows_for(outputs, count):
-            raise InferenceFailed("inference failed: ValueError")
-        return list(outputs), timing[0]
-
-    def _start_lone(
-        self, job: Callable[[], np.ndarray], count: int, timing: list[float]
-    ) -> concurrent.futures.Future:
-        assert self._executor is not None
-        self._lone_free.clear()
-        work = self._executor.submit(job)
-        loop = asyncio.get_running_loop()
-
-        def finish(work: concurrent.futures.Future) -> None:
-            # On the loop, before the caller resumes, and also when the caller gave up
-            # (deadline, client gone) while the job ran: the inference it did is counted.
-            self._lone_free.set()
-            if len(timing) < 2:  # prepare failed or declined: nothing ran
-                return
-            self.stats.lone_batches += 1
-            seconds = timing[1] - timing[0]
-            exc = work.exception()
-            if exc is None and not _rows_for(outputs := work.result(), count):
-                exc = ValueError(f"backend returned shape {outputs.shape} for {count} images")
-            if exc is None:
-                self._record(count, seconds, failed=False)
-            else:
-                self._inference_failed(count, seconds, exc)
-
-        def done(work: concurrent.futures.Future) -> None:
-            # After a forced stop the loop may be closed already.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(finish, work)
-
-        work.add_done_callback(done)
-        return work
+        self.stats.lone_batches += 1
+        self._record(count, time.perf_counter() - prepared, failed=False)
+        return list(outputs), prepared
 
     def _inference_failed(self, size: int, seconds: float, exc: Exception) -> None:
         logger.error("inference failed for a batch of %d", size, exc_info=exc)
@@ -374,8 +332,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            await self._lone_free.wait()  # nothing runs beside a lone request
-            started = time.perf_counter()
             images = np.stack([item.image for item in batch])  # N x [H, W, 3] -> [N, H, W, 3]
             outputs = await loop.run_in_executor(self._executor, predict, images)
             outputs = np.asarray(outputs)

@@ -6,7 +6,7 @@ streams in (413 at the limit, 503 past the budget), then multipart parsing
 of the buffered body (400 broken, 413 too many files, 415 a part that is not an image, 422 no
 `file` part), then decoding with the pixel limit checked from the image header (413) in
 `DECODE_THREADS` threads via `contract.preprocess.preprocess_bytes`, under the card's rule (a
-lone request's in the thread that then runs its inference, `Decoder.decode_here`).
+lone request's on the event loop's thread, just before its inference, `Decoder.decode_here`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MAX_FILENAME_CHARS = 128
 #: Non-file form fields tolerated next to the files (they are ignored).
 MAX_EXTRA_PARTS = 8
 RAW_TYPES = ("application/octet-stream",)
-#: Largest image a lone request decodes in its inference job, while every batch waits for it.
+#: Largest image a lone request decodes on the event loop's thread, while everything waits.
 #: Decode + resize, timed once beside a training run: a megapixel took 5 ms as JPEG, 22 as WebP,
 #: 28 as PNG; a 12-MP phone photo 38 ms as JPEG, 660 as WebP. Larger ones go through the decode
 #: pool, so nothing waits on them.
@@ -346,8 +346,8 @@ class Decoder:
         return list(results)  # type: ignore[arg-type]
 
     def decode_here(self, uploads: Sequence[Upload]) -> np.ndarray:
-        """`decode`, in the calling thread, stacked: [N, size, size, 3] (a lone request's, which
-        decodes in the thread that then runs its inference, `Batcher.run_alone`). An image over
+        """`decode`, in the calling thread, stacked: [N, size, size, 3] (a lone request's, on
+        the event loop's thread just before its inference, `Batcher.run_alone`). An image over
         ALONE_MAX_PIXELS declines that path (`NotForAlone`) from its header, before decoding."""
         images = []
         for upload in uploads:

@@ -91,9 +91,9 @@ async def classify(service: Service, images: list[np.ndarray]) -> list[np.ndarra
 async def classify_alone(
     service: Service, prepare: Prepare, count: int
 ) -> tuple[list[np.ndarray], float] | None:
-    """A lone request's rows, its images made by `prepare` (its decode) in the same job as its
-    inference, and when `prepare` ended (`Batcher.run_alone`); None, having done nothing, when
-    the request is not alone: then decode and `classify` as usual."""
+    """A lone request's rows, its images made by `prepare` (its decode) and run on the event
+    loop's thread, and when `prepare` ended (`Batcher.run_alone`); None, having done nothing,
+    when the request is not alone: then decode and `classify` as usual."""
     assert service.batcher is not None
     try:
         return await service.batcher.run_alone(prepare, count)
