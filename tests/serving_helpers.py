@@ -126,6 +126,18 @@ def image_bytes(
     return buffer.getvalue()
 
 
+def jpeg_with_scans(scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A flat progressive JPEG whose last scan is repeated up to `scans` scans: each one a pass
+    over the whole image for the decoder, a few bytes in the file (libjpeg-turbo's LJT-01-003)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, SOLID["red"]).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda") : -2]  # up to the end-of-image marker
+    extra = scans - data.count(b"\xff\xda")
+    assert extra >= 0
+    return data[:-2] + last_scan * extra + data[-2:]
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     """The one error shape: JSON with exactly `error` (str), `status` (int), `code` (str)."""
     assert response.status_code == status, (response.status_code, response.text[:300])

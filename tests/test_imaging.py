@@ -20,6 +20,7 @@ from contract.preprocess import (
     preprocess_bytes,
     resize_for_model,
 )
+from tests.serving_helpers import jpeg_with_scans
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -79,6 +80,18 @@ def test_pixel_limit_is_enforced_from_the_header():
         load_rgb(bomb, limits=DecodeLimits(max_pixels=40_000_000))
     with pytest.raises(ImageTooLarge):
         load_rgb(encode(Image.new("RGB", (300, 300)), "PNG"), limits=DecodeLimits(max_pixels=1000))
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    # 20,000 scans of a megapixel: 246 kB, about 10 s of decoding if it were let through.
+    bomb = jpeg_with_scans(20_000, size=(1000, 1000))
+    assert len(bomb) < 300_000
+    with pytest.raises(ImageTooLarge, match="20000 scans; limit is 100"):
+        load_rgb(bomb)
+    # A repeated scan is still a valid JPEG: at the limit it decodes as usual.
+    assert preprocess_bytes(jpeg_with_scans(100), 16)[..., 0].mean() > 200
+    with pytest.raises(ImageTooLarge):
+        load_rgb(jpeg_with_scans(11), limits=DecodeLimits(max_jpeg_scans=10))
 
 
 @pytest.mark.parametrize(
