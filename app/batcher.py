@@ -68,7 +68,7 @@ def _rows_for(outputs: np.ndarray, count: int) -> bool:
 
 class NotForAlone(Exception):
     """Raised by a lone request's `prepare` before doing any work, to decline `run_alone` (its
-    images are too large to decode while every batch waits): the request goes the usual way."""
+    images would take long to decode while the event loop waits): it goes the usual way."""
 
 
 class InferenceFailed(RuntimeError):
@@ -243,12 +243,12 @@ class Batcher:
         run) unless the request is alone and nothing is queued or running, or when `prepare`
         declines (`NotForAlone`). `prepare`'s other exceptions (a bad image) propagate as they
         are; a failing `lone` raises `InferenceFailed`."""
-        if self._lone is None or count > LONE_MAX_BATCH:
+        if self._lone is None or count > LONE_MAX_BATCH or not self._idle_and_alone():
             return None
         # A request received is read in one turn of the loop and started in the next.
         for _ in range(LOOP_TURNS_BEFORE_ALONE):
             await asyncio.sleep(0)
-        if self._queue or self._running or not self._alone():
+        if not self._idle_and_alone():
             return None
         self.admit(count)  # still refuses while closing
         try:
@@ -256,6 +256,7 @@ class Batcher:
         except NotForAlone:
             return None
         prepared = time.perf_counter()
+        self.stats.lone_batches += 1
         try:
             outputs = np.asarray(self._lone(images))
             if not _rows_for(outputs, count):
@@ -263,9 +264,11 @@ class Batcher:
         except Exception as exc:
             self._inference_failed(count, time.perf_counter() - prepared, exc)
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from None
-        self.stats.lone_batches += 1
         self._record(count, time.perf_counter() - prepared, failed=False)
         return list(outputs), prepared
+
+    def _idle_and_alone(self) -> bool:
+        return not self._queue and not self._running and self._alone()
 
     def _inference_failed(self, size: int, seconds: float, exc: Exception) -> None:
         logger.error("inference failed for a batch of %d", size, exc_info=exc)

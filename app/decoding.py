@@ -48,6 +48,9 @@ RAW_TYPES = ("application/octet-stream",)
 #: 28 as PNG; a 12-MP phone photo 38 ms as JPEG, 660 as WebP. Larger ones go through the decode
 #: pool, so nothing waits on them.
 ALONE_MAX_PIXELS = 1_000_000
+#: Most scans of a JPEG a lone request decodes there: encoders write about 10, and each is a pass
+#: over the image (a megapixel of 100 scans took 66 ms). More go through the decode pool.
+ALONE_MAX_JPEG_SCANS = 16
 
 
 def image_error_status(error: ImageError) -> int:
@@ -311,7 +314,11 @@ class Decoder:
         self.threads = threads
         self.spec = spec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
-        self._alone_limits = replace(limits, max_pixels=min(limits.max_pixels, ALONE_MAX_PIXELS))
+        self._alone_limits = replace(
+            limits,
+            max_pixels=min(limits.max_pixels, ALONE_MAX_PIXELS),
+            max_jpeg_scans=min(limits.max_jpeg_scans, ALONE_MAX_JPEG_SCANS),
+        )
 
     async def warm_up(self) -> None:
         """Decode a small image of each common format in every pool thread, so that the first
@@ -348,7 +355,8 @@ class Decoder:
     def decode_here(self, uploads: Sequence[Upload]) -> np.ndarray:
         """`decode`, in the calling thread, stacked: [N, size, size, 3] (a lone request's, on
         the event loop's thread just before its inference, `Batcher.run_alone`). An image over
-        ALONE_MAX_PIXELS declines that path (`NotForAlone`) from its header, before decoding."""
+        ALONE_MAX_PIXELS, or a JPEG of more than ALONE_MAX_JPEG_SCANS scans, declines that path
+        (`NotForAlone`) before decoding."""
         images = []
         for upload in uploads:
             try:

@@ -117,13 +117,47 @@ def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; limit is {limits.max_pixels}"
         )
-    if image.format == "JPEG":
-        # Every scan starts with an SOS marker, which entropy-coded data never holds (an 0xFF
-        # there is followed by 0x00): the count may include metadata, never miss a scan.
-        scans = data.count(b"\xff\xda")
+    if image.format in ("JPEG", "MPO"):  # MPO: a JPEG whose first frame is the one decoded
+        scans = jpeg_scans(data, stop_after=limits.max_jpeg_scans)
         if scans > limits.max_jpeg_scans:
-            raise ImageTooLarge(f"JPEG has {scans} scans; limit is {limits.max_jpeg_scans}")
+            raise ImageTooLarge(f"JPEG has over {limits.max_jpeg_scans} scans (the limit)")
     return image
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """Scans (SOS segments) of a JPEG's first image, walking its marker segments up to its
+    end-of-image marker, so that metadata (EXIF thumbnails), an MPO's later frames and bytes
+    appended after the image (motion photos) do not count. Stops once past `stop_after`;
+    a malformed stream stops the walk (the decoder then judges it)."""
+    scans, at = 0, 2  # after the start-of-image marker
+    while scans <= stop_after and at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0xFF:  # a fill byte
+            at += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            at = _after_entropy_data(data, at)
+    return scans
+
+
+def _after_entropy_data(data: bytes, at: int) -> int:
+    """Where the next marker starts after a scan's entropy-coded data beginning at `at`: the
+    first 0xFF followed by neither a stuffed 0x00, a restart marker (0xD0-0xD7) nor a fill byte;
+    len(data) if none. `bytes.find` skips the data at memchr speed."""
+    at = data.find(b"\xff", at)
+    while 0 <= at < len(data) - 1:
+        follower = data[at + 1]
+        if follower != 0 and not 0xD0 <= follower <= 0xD7 and follower != 0xFF:
+            return at
+        at = data.find(b"\xff", at + 1)
+    return len(data)
 
 
 def _identifies_as_other_format(data: bytes) -> bool:

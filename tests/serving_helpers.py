@@ -126,16 +126,22 @@ def image_bytes(
     return buffer.getvalue()
 
 
-def jpeg_with_scans(scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
+def jpeg_with_scans(scans: int, size: tuple[int, int] = (64, 64), mpo: bool = False) -> bytes:
     """A flat progressive JPEG whose last scan is repeated up to `scans` scans: each one a pass
-    over the whole image for the decoder, a few bytes in the file (libjpeg-turbo's LJT-01-003)."""
+    over the whole image for the decoder, a few bytes in the file (libjpeg-turbo's LJT-01-003).
+    With `mpo`, the first of two frames of an MPO file (which Pillow opens as format "MPO")."""
+    image = Image.new("RGB", size, SOLID["red"])
     buffer = io.BytesIO()
-    Image.new("RGB", size, SOLID["red"]).save(buffer, "JPEG", progressive=True)
+    if mpo:
+        image.save(buffer, "MPO", save_all=True, append_images=[image], progressive=True)
+    else:
+        image.save(buffer, "JPEG", progressive=True)
     data = buffer.getvalue()
-    last_scan = data[data.rindex(b"\xff\xda") : -2]  # up to the end-of-image marker
-    extra = scans - data.count(b"\xff\xda")
+    end = data.index(b"\xff\xd9")  # the first frame's end-of-image marker
+    last_scan = data[data.rindex(b"\xff\xda", 0, end) : end]
+    extra = scans - data.count(b"\xff\xda", 0, end)
     assert extra >= 0
-    return data[:-2] + last_scan * extra + data[-2:]
+    return data[:end] + last_scan * extra + data[end:]
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:

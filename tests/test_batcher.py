@@ -418,6 +418,38 @@ async def test_a_request_received_but_not_yet_started_keeps_the_next_from_runnin
         await batcher.close()
 
 
+async def test_an_image_queued_during_the_turns_makes_run_alone_decline():
+    batcher, calls = lone_batcher(lambda images: np.ones((len(images), 2), np.float32))
+    loop = asyncio.get_running_loop()
+    try:
+        queued: list[asyncio.Future] = []
+        loop.call_soon(lambda: queued.append(batcher.submit(image(1))))
+        assert await batcher.run_alone(lambda: np.zeros((1, 2, 2, 3), np.uint8), 1) is None
+        assert (await queued[0])[0] == 0.0 and calls == ["narrow1"]
+    finally:
+        await batcher.close()
+
+
+async def test_a_caller_cancelled_during_the_turns_runs_and_holds_nothing():
+    batcher, calls = lone_batcher(lambda images: np.ones((len(images), 2), np.float32))
+    prepared: list[int] = []
+
+    def prepare():
+        prepared.append(1)
+        return np.zeros((1, 2, 2, 3), np.uint8)
+
+    try:
+        caller = asyncio.ensure_future(batcher.run_alone(prepare, 1))
+        await asyncio.sleep(0)  # inside its turns
+        caller.cancel()  # its deadline passed, or its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert prepared == [] and calls == [] and batcher.stats.batches == 0
+        assert (await batcher.run_alone(prepare, 1))[0][0][0] == 1.0  # nothing was held
+    finally:
+        await batcher.close()
+
+
 async def test_run_alone_declines_while_a_batch_runs():
     gate, replicas, batcher = started_replicas(max_batch_size=1)
     batcher._lone = lambda images: np.ones((len(images), 2), np.float32)

@@ -202,6 +202,7 @@ CASES: dict[str, Case] = {
     # -- too large: 413
     "png_decompression_bomb": upload(png_bomb, 413, "bomb.png", "image/png"),
     "jpeg_scan_bomb": raw(jpeg_with_scans(20_000, (1000, 1000)), 413),
+    "mpo_scan_bomb": upload(jpeg_with_scans(20_000, (1000, 1000), mpo=True), 413, "3d.mpo"),
     "huge_declared_png": upload(png_with_declared_size(100_000, 100_000), 413, "x.png"),
     "wide_declared_png": upload(png_with_declared_size(60_000, 1), 413, "x.png"),
     "huge_declared_gif": upload(gif_with_declared_size(65_535, 65_535), 413, "x.gif"),

@@ -16,6 +16,7 @@ from contract.preprocess import (
     ImageTooLarge,
     UndecodableImage,
     UnsupportedImageType,
+    jpeg_scans,
     load_rgb,
     preprocess_bytes,
     resize_for_model,
@@ -82,16 +83,33 @@ def test_pixel_limit_is_enforced_from_the_header():
         load_rgb(encode(Image.new("RGB", (300, 300)), "PNG"), limits=DecodeLimits(max_pixels=1000))
 
 
-def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+@pytest.mark.parametrize("mpo", [False, True], ids=["jpeg", "mpo"])
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(mpo):
     # 20,000 scans of a megapixel: 246 kB, about 10 s of decoding if it were let through.
-    bomb = jpeg_with_scans(20_000, size=(1000, 1000))
+    bomb = jpeg_with_scans(20_000, size=(1000, 1000), mpo=mpo)
     assert len(bomb) < 300_000
-    with pytest.raises(ImageTooLarge, match="20000 scans; limit is 100"):
+    assert Image.open(io.BytesIO(bomb)).format == ("MPO" if mpo else "JPEG")
+    with pytest.raises(ImageTooLarge, match="over 100 scans"):
         load_rgb(bomb)
     # A repeated scan is still a valid JPEG: at the limit it decodes as usual.
-    assert preprocess_bytes(jpeg_with_scans(100), 16)[..., 0].mean() > 200
+    assert preprocess_bytes(jpeg_with_scans(100, mpo=mpo), 16)[..., 0].mean() > 200
     with pytest.raises(ImageTooLarge):
-        load_rgb(jpeg_with_scans(11), limits=DecodeLimits(max_jpeg_scans=10))
+        load_rgb(jpeg_with_scans(11, mpo=mpo), limits=DecodeLimits(max_jpeg_scans=10))
+
+
+def test_only_the_scans_of_the_first_image_count():
+    rng = np.random.default_rng(0)
+    photo = encode(Image.fromarray(rng.integers(0, 255, (60, 80, 3), np.uint8)), "JPEG")
+    assert jpeg_scans(photo, stop_after=100) == 1
+    # A motion photo's video after the image, or any trailer, holds marker-like bytes.
+    trailer = b"\xff\xda" * 500 + rng.bytes(200_000)
+    assert preprocess_bytes(photo + trailer, 16).shape == (16, 16, 3)
+    # An EXIF thumbnail is a whole JPEG inside a segment: skipped with the segment.
+    thumbnail = encode(Image.new("RGB", (16, 16)), "JPEG")
+    app1 = b"Exif\0\0" + thumbnail * 100  # 100 more SOS markers, inside one segment
+    assert len(app1) < 65_533
+    with_exif = photo[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + photo[2:]
+    assert jpeg_scans(with_exif, stop_after=100) == 1
 
 
 @pytest.mark.parametrize(

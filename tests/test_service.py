@@ -40,6 +40,7 @@ from tests.serving_helpers import (
     app_status,
     assert_error,
     image_bytes,
+    jpeg_with_scans,
     make_settings,
     metric_value,
     running,
@@ -766,8 +767,8 @@ async def test_a_lone_request_is_decoded_and_run_on_every_core_with_the_same_ans
     assert 0 < timings["decode"] <= timings["total"] and timings["queue_and_inference"] > 0
 
 
-async def test_a_lone_image_over_a_megapixel_is_decoded_in_the_pool(greedy):
-    """No batch waits on its decode: it takes the usual path, with the same answer."""
+async def test_a_lone_image_over_a_megapixel_or_of_many_scans_is_decoded_in_the_pool(greedy):
+    """The event loop does not wait on its decode: it takes the usual path, same answer."""
     stats = greedy.app.state.service.batcher.stats
     large = await predict_files(greedy, jpeg_part("green", size=(1200, 1000)))
     assert large.status_code == 200, large.text
@@ -782,6 +783,11 @@ async def test_a_lone_image_over_a_megapixel_is_decoded_in_the_pool(greedy):
     png[29:33] = struct.pack(">I", zlib.crc32(png[12:29]))
     refused = await greedy.client.post("/predict", files=[("file", ("big.png", bytes(png)))])
     assert_error(refused, 413)
+    # A JPEG of 40 scans: allowed, but each scan is a pass over the image.
+    scans = jpeg_with_scans(40)
+    many = await greedy.client.post("/predict", files=[("file", ("p.jpg", scans, "image/jpeg"))])
+    assert many.status_code == 200 and many.json()["predictions"][0]["label"] == "red"
+    assert (stats.lone_batches, stats.batches) == (1, 3)
 
 
 async def test_a_lone_bad_image_is_a_400_naming_it_and_nothing_is_held(greedy):
