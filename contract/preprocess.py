@@ -127,30 +127,28 @@ def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
 def jpeg_scans(data: bytes, stop_after: int) -> int:
     """Scans (SOS segments) of a JPEG's first image, walking its marker segments up to its
     end-of-image marker, so that metadata (EXIF thumbnails), an MPO's later frames and bytes
-    appended after the image (motion photos) do not count. Stops once past `stop_after`;
-    a malformed stream stops the walk (the decoder then judges it)."""
+    appended after the image (motion photos) do not count. Markers are found as libjpeg's
+    `next_marker` finds them, so that no scan it would decode is missed. Stops once past
+    `stop_after`."""
     scans, at = 0, 2  # after the start-of-image marker
-    while scans <= stop_after and at + 4 <= len(data) and data[at] == 0xFF:
-        marker = data[at + 1]
-        if marker == 0xD9:  # end of image
+    while scans <= stop_after:
+        at = _next_marker(data, at)
+        if at + 1 >= len(data) or data[at + 1] == 0xD9:  # the end, or the end-of-image marker
             break
-        if marker == 0xFF:  # a fill byte
-            at += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+        if data[at + 1] == 0x01:  # TEM: no length field
             at += 2
             continue
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker == 0xDA:
+        if data[at + 1] == 0xDA:
             scans += 1
-            at = _after_entropy_data(data, at)
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
     return scans
 
 
-def _after_entropy_data(data: bytes, at: int) -> int:
-    """Where the next marker starts after a scan's entropy-coded data beginning at `at`: the
-    first 0xFF followed by neither a stuffed 0x00, a restart marker (0xD0-0xD7) nor a fill byte;
-    len(data) if none. `bytes.find` skips the data at memchr speed."""
+def _next_marker(data: bytes, at: int) -> int:
+    """Where the next marker starts, from `at`: the first 0xFF followed by neither a stuffed
+    0x00, a restart marker (0xD0-0xD7: inside a scan's data) nor a fill byte 0xFF; other bytes
+    (a scan's entropy-coded data, garbage) are skipped, as libjpeg skips them. len(data) if
+    none. `bytes.find` skips at memchr speed."""
     at = data.find(b"\xff", at)
     while 0 <= at < len(data) - 1:
         follower = data[at + 1]

@@ -112,6 +112,17 @@ def test_only_the_scans_of_the_first_image_count():
     assert jpeg_scans(with_exif, stop_after=100) == 1
 
 
+def test_garbage_between_segments_hides_no_scan():
+    # libjpeg skips stray bytes before a marker (with a warning) and decodes on: so must the count.
+    bomb = jpeg_with_scans(300)
+    end = bomb.index(b"\xff\xd9")
+    hidden = bomb[:end].replace(b"\xff\xc4", b"\x17\xff\xc4").replace(b"\xff\xda", b"\x17\xff\xda")
+    assert jpeg_scans(hidden + bomb[end:], stop_after=1000) == 300
+    with pytest.raises(ImageTooLarge):
+        load_rgb(hidden + bomb[end:])
+    assert load_rgb(hidden + bomb[end:], limits=DecodeLimits(max_jpeg_scans=300)).size == (64, 64)
+
+
 @pytest.mark.parametrize(
     ("data", "error"),
     [
