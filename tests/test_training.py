@@ -171,8 +171,11 @@ def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):
     assert main(common + args) == 0
     # A finished run refuses to be overwritten and resumes as a no-op at the same epoch.
     assert main(common + args) == 2
-    # As if the run had been planned longer and was interrupted: re-plan to 2 epochs and resume.
+    # As if the run had been planned longer and was killed while saving its next checkpoint
+    # (last.keras is written through a partial file): re-plan to 2 epochs and resume.
+    (run / "last.partial.keras").write_bytes(b"cut off")
     assert main([*common, "--resume", "--epochs", "2"]) == 0
+    assert not (run / "last.partial.keras").exists()
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["0", "1"]  # epoch 2 appended, not redone
