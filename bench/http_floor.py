@@ -33,12 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
+from app.settings import DEFAULT_MODEL_DIR
 from bench.serve import DEFAULT_PHOTOS, photo_files, run_wrk, start_server
+from contract.card import read_card
 
+# Named after the shipped model, as the real service's answer is.
+_CARD = read_card(DEFAULT_MODEL_DIR)
 ANSWER = json.dumps(
     {
-        "model": {"name": "flowers-mobilevit-xxs", "version": "1.1.0", "format": "tflite",
-                  "artifact": "model.tflite"},
+        "model": {"name": _CARD.name, "version": _CARD.version, "format": "tflite",
+                  "artifact": _CARD.artifact("tflite").file},
         "predictions": [{"filename": None, "label": "tulips", "score": 0.912,
                          "top_k": [{"label": "tulips", "score": 0.912}]}],
         "timings_ms": {"decode": 0.712, "queue_and_inference": 5.371, "total": 6.204},
