@@ -24,9 +24,9 @@ FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MOBILEVIT_MODEL_DIR=/srv/models/flowers-mobilevit-xxs \
-    MOBILEVIT_HOST=0.0.0.0 \
-    MOBILEVIT_PORT=8000
+    MOBILEVIT_HOST=0.0.0.0
+# No MOBILEVIT_PORT or MOBILEVIT_MODEL_DIR here: either would shadow KServe's PORT and STORAGE_URI.
+# The defaults are port 8000 and the model under /srv/models.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv
@@ -36,5 +36,5 @@ COPY models/ models/
 USER 1000
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('MOBILEVIT_PORT') or os.environ.get('PORT') or '8000'; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2).status != 200)"]
 CMD ["python", "-m", "app"]

@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# MOBILEVIT_HOST / MOBILEVIT_PORT in the environment apply to make serve as to python -m app.
+HOST ?= $(or $(MOBILEVIT_HOST),127.0.0.1)
+PORT ?= $(or $(MOBILEVIT_PORT),8000)
 DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
@@ -73,7 +74,9 @@ evaluate: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench.inference --model $(MODEL) --seconds 1.5
 	$(PY) -m bench.batch_cost --model $(MODEL)
-	$(PY) -m bench.serve --model $(MODEL) --modes service,peer
+	$(PY) -m bench.serve --model $(MODEL) --modes service,2x1,peer --clients 1,4,16,64 --rounds 2 --passes 3
+	$(PY) -m bench.serve --model $(MODEL) --modes batch32 --clients 64 --rounds 1 --passes 1
+	$(PY) -m bench.serve --model $(MODEL) --modes service,v2-uint8,v2-bytes --clients 1,4,16 --rounds 2 --passes 2
 	$(PY) -m bench.http_floor
 	$(PY) -m bench.rollout --model $(MODEL)
 	$(PY) -m bench.soak --model $(MODEL)

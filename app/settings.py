@@ -60,7 +60,7 @@ class Settings(BaseSettings):
 
     processes: int | None = Field(default=None, ge=1, le=256)
     """uvicorn processes `python -m app` starts. Default: derived from the usable CPUs
-    (`app.topology`): one per 4 CPUs, at least one."""
+    (`app.topology`): one for up to 4 CPUs, one more for each further 4 or part of 4."""
 
     inference_workers: int | None = Field(default=None, ge=1, le=64)
     """Batches each process runs concurrently, each on its own TFLite interpreter (a SavedModel

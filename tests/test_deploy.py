@@ -13,6 +13,7 @@ import yaml
 
 from app.main import create_app
 from app.settings import Settings
+from tests.test_packaging import image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -107,9 +108,13 @@ def test_probes_ports_and_environment_are_the_apps(doc, monkeypatch):
             field = name.removeprefix("MOBILEVIT_").lower()
             assert field in Settings.model_fields, f"{name} is not a setting"
             assert field.upper() not in TOPOLOGY, f"{name} pins what the pod's CPUs decide"
-        for key in list(env):
-            monkeypatch.setenv(key, env[key])
+        # The image's own ENV first, then the container's: neither may shadow the other's intent.
+        image = image_env()
+        for key, value in {**image, **env}.items():
+            monkeypatch.setenv(key, value)
         settings = Settings()
+        if "STORAGE_URI" in env:
+            assert settings.model_dir == Path("/mnt/models")
         ports = {p["containerPort"] for p in container["ports"]}
         names = {p.get("name"): p["containerPort"] for p in container["ports"]}
         assert ports == {settings.port}, (ports, settings.port)
@@ -119,12 +124,14 @@ def test_probes_ports_and_environment_are_the_apps(doc, monkeypatch):
             get = container[probe]["httpGet"]
             assert is_served(get["path"]), get["path"]
             assert names.get(get["port"], get["port"]) == settings.port
-        for key in env:
+        for key in {**image, **env}:
             monkeypatch.delenv(key)
 
 
 def test_storage_uri_points_the_model_dir_at_kserves_mount(monkeypatch):
     monkeypatch.delenv("MOBILEVIT_MODEL_DIR", raising=False)
+    for key, value in image_env().items():  # as in the image
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("STORAGE_URI", "gs://bucket/model")
     assert Settings().model_dir == Path("/mnt/models")
     monkeypatch.setenv("MOBILEVIT_MODEL_DIR", "/srv/models/other")

@@ -46,7 +46,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     if head.startswith(PICKLE_MAGIC) or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         raise CheckpointError(
             f"{path} is a pickled PyTorch file, which is never unpickled here (it can run code). "
-            "Use the checkpoint's model.safetensors: `huggingface-cli download "
+            "Use the checkpoint's model.safetensors: `hf download "
             "timm/mobilevit_xxs.cvnets_in1k model.safetensors`, or convert it on a trusted "
             "machine with safetensors.torch.save_file"
         )
