@@ -307,3 +307,48 @@ def test_resolution_scores_the_final_weights_at_each_test_size(tiny_run, capsys)
     assert trained["images"] == larger["images"] == report["val_images"]
     assert larger["relative_pixels"] > 1 and 0 <= larger["top1"] <= 1
     assert result["best"] in result["sizes"]
+
+
+def test_epochs_within_a_time_budget_keep_a_margin_and_never_undo_epochs():
+    from training.train import epochs_within
+
+    assert epochs_within(100.0, done=2, epoch_s=10.0) == 2 + 9  # 95 s of 100 planned
+    assert epochs_within(5.0, done=2, epoch_s=10.0) == 2
+    assert epochs_within(-30.0, done=7, epoch_s=10.0) == 7
+
+
+def test_a_time_budget_re_plans_the_schedule_after_the_second_epoch(
+    photo_dir, tmp_path, monkeypatch
+):
+    """With time left for one more epoch than --epochs planned, the run trains it, on a
+    schedule re-planned to the new total, and records the total."""
+    import training.train as train
+
+    monkeypatch.setattr(train, "epochs_within", lambda left_s, done, epoch_s: done + 1)
+    run = tmp_path / "budget"
+    assert train.main(["--data", str(photo_dir), "--run-dir", str(run), "--image-size", "64",
+                       "--epochs", "2", "--batch-size", "16", "--limit-per-class", "8",
+                       "--run-eagerly", "--time-budget", "3600"]) == 0  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    rows = (run / "log.csv").read_text().strip().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["0", "1", "2"]
+    assert json.loads((run / "report.json").read_text())["epochs_completed"] == 3
+
+
+def test_a_spent_time_budget_stops_the_run_and_a_recorded_split_is_kept(
+    tiny_run, photo_dir, tmp_path, monkeypatch
+):
+    """Out of time after the first epoch: the run ends there and still makes final.keras and
+    its report. --split reuses another run's train/validation photos."""
+    import training.train as train
+
+    monkeypatch.setattr(train.TimeBudget, "left", lambda self: 0.0)
+    run = tmp_path / "spent"
+    assert train.main(["--data", str(photo_dir), "--run-dir", str(run), "--image-size", "64",
+                       "--epochs", "50", "--batch-size", "16", "--run-eagerly",
+                       "--split", str(tiny_run / "split.json"),
+                       "--time-budget", "1"]) == 0  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert (run / "final.keras").is_file()
+    ours, theirs = (json.loads((d / "split.json").read_text()) for d in (run, tiny_run))
+    assert (ours["train"], ours["val"]) == (theirs["train"], theirs["val"])

@@ -573,7 +573,7 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
     if lineage:
         training_info["initialised_from"] = lineage
     metrics = {
-        "validation_top1": report.get("validation", {}).get("top1"),
+        "validation_top1": (report.get("validation") or {}).get("top1"),
         "validation": report.get("validation"),
     } if report else {}  # fmt: skip
     return export_model(
