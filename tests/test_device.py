@@ -38,6 +38,34 @@ def test_pins_come_from_the_constraints_file():
         device.pinned("no-such-package")
 
 
+def test_the_device_command_starts_where_keras_and_pydantic_are_missing():
+    """As on the lent machine, before the packed packages are unpacked."""
+    import subprocess
+    import sys
+
+    from tests.serving_helpers import REPO
+
+    code = ("import runpy, sys; sys.modules.update(keras=None, pydantic=None); "
+            "sys.argv = ['device', 'train', '--help']; "
+            "runpy.run_module('training.device', run_name='__main__')")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--budget" in result.stdout
+
+
+def test_the_packed_packages_are_unpacked_only_where_missing(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "module.py").write_text("x = 1\n")
+    with tarfile.open(tmp_path / "site.tar.xz", "w:xz") as tar:
+        tar.add(tmp_path / "pkg", arcname="pkg")
+    assert device.unpacked_site(tmp_path / "site.tar.xz", tmp_path / "site") is None  # here
+    monkeypatch.setattr(sys, "executable", "false")  # the probe's `import keras` fails
+    assert device.unpacked_site(tmp_path / "site.tar.xz", tmp_path / "site") == tmp_path / "site"
+    assert (tmp_path / "site" / "pkg" / "module.py").read_text() == "x = 1\n"
+
+
 @needs_jpegtran
 def test_a_packed_photo_is_smaller_and_decodes_to_the_same_pixels(tmp_path):
     source, target = tmp_path / "a.jpg", tmp_path / "b.jpg"

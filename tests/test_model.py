@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import VARIANTS, build_model
-from training.model import AlignTo, Fold, ResizeTo, Unfold
+from training.model import VARIANTS, AlignTo, Fold, ResizeTo, Unfold, build_model
 
 
 def test_fold_inverts_unfold():

@@ -1,5 +1,4 @@
-"""MobileViT training: model, data pipeline, and the train / evaluate / export command lines."""
+"""MobileViT training: model, data pipeline, and the train / evaluate / export command lines.
 
-from training.model import VARIANTS, build_model
-
-__all__ = ["VARIANTS", "build_model"]
+Importing the package imports nothing else: `python -m training.device` must start where Keras
+is not installed yet (a lent GPU machine)."""
