@@ -116,27 +116,37 @@ def test_unpack_points_the_run_at_the_original_photos(tmp_path):
 
 @pytest.mark.slow
 def test_a_device_run_rehearsed_on_two_cpu_devices(tiny_run, photo_dir, tmp_path, monkeypatch):
-    """What the lent machine runs, on a tiny subset: JAX, data parallel over two devices, a
-    time budget; its tar unpacks here and exports as usual."""
+    """`train` and `unpack` as on the lent machine, on a tiny subset: JAX, data parallel over
+    two devices, a time budget, only the training photos there; the run comes back scored on
+    the validation photos here and exports as usual. (`pack` needs jpegtran and PyPI.)"""
     pytest.importorskip("jax")
     from training.export import main as export_main
 
     for name, value in (("JAX_PLATFORMS", "cpu"), ("JAX_NUM_CPU_DEVICES", "2")):
         monkeypatch.setenv(name, value)
+    split = json.loads((tiny_run / "split.json").read_text())
+    there = tmp_path / "photos-there"
+    for name in split["train"]:
+        (there / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo_dir / name, there / name)
     pack = tmp_path / "pack"
     pack.mkdir()
     source = {"data": os.fspath(photo_dir), "split": str(tiny_run / "split.json")}
     (pack / "source.json").write_text(json.dumps(source))
-    code = device.main(["train", "--data", str(photo_dir), "--split", str(tiny_run / "split.json"),
+    code = device.main(["train", "--data", str(there), "--split", str(tiny_run / "split.json"),
                         "--out", str(tmp_path), "--run-dir", str(tmp_path / "there"),
                         "--budget", "40", "--pack", str(pack), "--",
                         "--image-size", "64", "--multi-scale", "64,96", "--batch-size", "8",
                         "--color-jitter", "0"])  # fmt: skip
     assert code == 0
+    assert json.loads((tmp_path / "there" / "report.json").read_text())["validation"] is None
     run = tmp_path / "here"
     assert device.unpack(tmp_path / "flowers-xxs.tar", run, pack) == 0
+    assert (run / "last.keras").is_file()
     report = json.loads((run / "report.json").read_text())
     assert (report["versions"]["backend"], report["devices"]) == ("jax", 2)
+    assert report["val_images"] == len(split["val"]) and 0 <= report["validation"]["top1"] <= 1
+    assert report["data"] == os.fspath(photo_dir)
     assert report["epochs_completed"] == json.loads((run / "config.json").read_text())["epochs"]
     assert export_main([str(run), "--out", str(tmp_path / "model"), "--quantizations",
                         "float32", "--calibration-images", "8"]) == 0  # fmt: skip

@@ -176,10 +176,14 @@ def train(args: argparse.Namespace) -> int:
             if (run_dir / name).is_file():
                 tar.add(run_dir / name, arcname=name)
         names = tar.getnames()
-    last = run_dir / "last.keras"  # the tool brings back files of up to 16 MiB
+    last = run_dir / "last.keras"
     if last.is_file() and last.stat().st_size <= FILE_LIMIT:
         shutil.copyfile(last, out / f"{args.name}-last.keras")
         names.append(f"{args.name}-last.keras")
+    elif last.is_file():
+        size = last.stat().st_size / 2**20
+        print(f"left out {last}: {size:.1f} MiB, more than the device tool brings back in one "
+              f"file ({FILE_LIMIT / 2**20:.0f} MiB)", flush=True)  # fmt: skip
     print(
         f"train exited {code} after {time.perf_counter() - started:.0f} s; in {out}: "
         f"{', '.join(names) or 'empty'}",
@@ -229,6 +233,7 @@ def rescore(run_dir: Path) -> float:
                     cfg["image_size"])  # fmt: skip
     report = json.loads((run_dir / "report.json").read_text())
     report["validation"], report["val_images"] = metrics, len(val_idx)
+    report["data"] = report["recipe"]["data"] = cfg["data"]  # the photos here, not there
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_confusion(metrics, run_dir / "confusion.png")
     return metrics["top1"]

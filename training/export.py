@@ -375,7 +375,7 @@ def earlier_runs(report: dict) -> list[dict]:
             "epochs": earlier.get("epochs_completed"),
             "image_size": earlier.get("image_size"),
             "wall_time_s": earlier.get("wall_time_s"),
-            "validation_top1": earlier.get("validation", {}).get("top1"),
+            "validation_top1": (earlier.get("validation") or {}).get("top1"),
             "recipe": earlier.get("recipe"),
         })  # fmt: skip
         source = (earlier.get("recipe") or {}).get("init_from")

@@ -174,9 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="size --epochs so that training ends within this many seconds: after the first "
-        "epoch the schedule is re-planned from its measured step time, and a run that falls "
-        "behind stops at the end of an epoch (final.keras is made as usual)",
+        help="size --epochs so that training ends within this many seconds of the start: "
+        "after the second epoch (the first one compiles) the schedule is re-planned to what the "
+        "time left holds, and a run that falls behind stops at the end of an epoch (final.keras "
+        "is made as usual); with --resume it only stops the run early",
     )
     p.add_argument(
         "--init-from",
@@ -413,10 +414,11 @@ def batch_workers() -> int:
 
 @dataclass
 class TimeBudget:
-    """--time-budget: training time left, counted from this process's first epoch."""
+    """--time-budget: the seconds left, counted from the start of this process's run."""
 
     seconds: float
     started: float = field(default_factory=time.perf_counter)
+    epoch_seconds: list[float] = field(default_factory=list)
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.started)
@@ -424,8 +426,8 @@ class TimeBudget:
 
 def epochs_within(left_s: float, done: int, epoch_s: float) -> int:
     """Total epochs for a run with `done` epochs behind it and `left_s` seconds left at
-    `epoch_s` an epoch; 5% of the time left is kept for re-compiling the re-planned step."""
-    return done + max(0, math.floor(0.95 * left_s / epoch_s))
+    `epoch_s` an epoch."""
+    return done + max(0, math.floor(left_s / epoch_s))
 
 
 def new_model(cfg: dict, num_classes: int, image_size: int | None) -> keras.Model:
@@ -476,9 +478,7 @@ def fit_epochs(model, batches, validation: tuple[np.ndarray, np.ndarray] | None,
     PyDataset. Checkpoints last.keras (weights + optimizer state, EMA included, for --resume)
     every epoch and best.keras on a new best validation top-1; appends to log.csv.
 
-    With a `budget`, the second epoch's time (the first one compiles) re-plans cfg["epochs"] to
-    what the time left holds, and the run stops early at the end of any epoch after which
-    another would not fit."""
+    With a `budget`, the epochs are re-planned or cut short to fit it (`spend_budget`)."""
     log_path = run_dir / "log.csv"
     fields = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate",
               "epoch_seconds", "train_images_per_s"]  # fmt: skip
@@ -525,24 +525,36 @@ def fit_epochs(model, batches, validation: tuple[np.ndarray, np.ndarray] | None,
             f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)  # fmt: skip
         epoch += 1
         if budget is not None:
-            spend_budget(model, batches, run_dir, cfg, budget, epoch, epoch - initial_epoch,
-                         row["epoch_seconds"])  # fmt: skip
+            budget.epoch_seconds.append(row["epoch_seconds"])
+            spend_budget(model, batches, run_dir, cfg, budget, epoch,
+                         replan=initial_epoch == 0)  # fmt: skip
 
 
 def spend_budget(model, batches, run_dir: Path, cfg: dict, budget: TimeBudget, done: int,
-                 this_run: int, epoch_s: float) -> None:  # fmt: skip
-    """After an epoch of a --time-budget run: re-plan the schedule after the second epoch of
-    this process, or end the run (cfg["epochs"] = done) once another epoch would not fit."""
-    if this_run == 2:
-        total = max(done, epochs_within(budget.left(), done, epoch_s))
+                 replan: bool) -> None:  # fmt: skip
+    """After an epoch of a --time-budget run (its time last in `budget.epoch_seconds`): after
+    the second epoch of this process, if `replan`, re-plan cfg["epochs"] to what the time left
+    holds, less one more compile (the re-planned step compiles again; the first epoch's excess
+    over the second is what compiling cost); otherwise end the run (cfg["epochs"] = done) once
+    another epoch would not fit."""
+    times = budget.epoch_seconds
+    if replan and len(times) == 2:
+        compiling = max(0.0, times[0] - times[1])
+        total = epochs_within(budget.left() - compiling, done, times[1])
         if total != cfg["epochs"]:
-            log.info("time budget: %.0f s left at %.1f s an epoch: %d -> %d epochs",
-                     budget.left(), epoch_s, cfg["epochs"], total)  # fmt: skip
+            log.info("time budget: %.0f s left at %.1f s an epoch (%.0f s to compile): "
+                     "%d -> %d epochs", budget.left(), times[1], compiling, cfg["epochs"],
+                     total)  # fmt: skip
             cfg["epochs"] = total
             (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
             if total > done:
                 replan_optimizer(model, cfg, len(batches))
-    elif done < cfg["epochs"] and budget.left() < epoch_s:
+        return
+    if done >= cfg["epochs"]:
+        return
+    # The first epoch's time includes compiling: only an overdrawn budget stops after it.
+    next_epoch = times[-1] if len(times) > 1 else 0.0
+    if budget.left() <= next_epoch:
         log.info("time budget spent: stopping after %d of %d epochs", done, cfg["epochs"])
         cfg["epochs"] = done
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -655,7 +667,11 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
 
 
 def train(args: argparse.Namespace) -> dict:
+    budget = TimeBudget(args.time_budget) if args.time_budget else None
     start_processes()
+    if budget is not None and processes()[1] > 1:
+        # Each process would decide on its own clock, and one leaving early hangs the others.
+        raise DataError("--time-budget is for one process; pass --epochs to a multi-process run")
     run_dir = process_run_dir(Path(args.run_dir), processes()[0])
     config_path = run_dir / "config.json"
     if args.resume:
@@ -758,7 +774,6 @@ def train(args: argparse.Namespace) -> dict:
             log.info("initialised from %s", cfg["init_from"])
         compile_model(model, cfg, make_optimizer(cfg, len(batches)))
     started = time.perf_counter()
-    budget = TimeBudget(args.time_budget) if args.time_budget else None
     fit_epochs(model, batches, validation, run_dir, cfg, initial_epoch,
                best_so_far=max(validated(rows), default=-1.0),
                budget=budget)  # fmt: skip
