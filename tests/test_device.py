@@ -86,7 +86,7 @@ def test_a_photo_whose_metadata_turns_it_is_copied_as_it_is(tmp_path):
 
 def test_a_failed_run_still_writes_its_tar(tmp_path):
     code = device.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path),
-                        "--run-dir", str(tmp_path / "run"), "--budget", "5"])  # fmt: skip
+                        "--budget", "5"])  # fmt: skip
     assert code == 2  # training.train's clear error for a missing folder
     with tarfile.open(tmp_path / "flowers-xxs.tar") as tar:
         assert tar.getnames() == ["config.json"]  # written before the photos were read

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,8 +126,6 @@ def pack(data: Path, split: Path = SHIPPED_SPLIT, out: Path = PACK) -> int:
 
 def build_site(target: Path) -> None:
     """PACKAGES installed for CPython 3.12 on x86-64 Linux, as an xz tar of site-packages."""
-    import tempfile
-
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)]
     with tempfile.TemporaryDirectory() as site:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
@@ -152,7 +151,8 @@ def train(args: argparse.Namespace) -> int:
     """The run, then its tar under --out; the tar is written however the run ended."""
     out = Path(args.out or os.environ.get("OUT") or ROOT / "runs")
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(args.run_dir)
+    # A new folder each time: a machine kept warm between calls still holds the last run.
+    run_dir = Path(args.run_dir or Path(tempfile.mkdtemp(prefix="device-")) / args.name)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONUNBUFFERED": "1"}
     site = unpacked_site(args.pack / SITE, Path("/tmp/device-site"))
     if site is not None:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     running.add_argument("--pack", type=Path, default=PACK)
     running.add_argument("--data", type=Path, default=PACK / "photos")
     running.add_argument("--split", type=Path, default=SHIPPED_SPLIT)
-    running.add_argument("--run-dir", default="/tmp/device-run")
+    running.add_argument("--run-dir", help="where the run is made; default a new temporary folder")
     running.add_argument("--out", help="where the tar goes; default $OUT, else runs/")
     running.add_argument("extra", nargs="*", help="more training.train options, after --")
     unpacking = sub.add_parser("unpack", help="here: a run directory from the tar")
