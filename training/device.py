@@ -75,15 +75,15 @@ def shrink(source: Path, target: Path) -> None:
     """`target`: `source` arithmetic-coded and without metadata, if that is smaller and decodes
     to the same pixels (EXIF orientation would not survive, for one); else a copy."""
     original = source.read_bytes()
-    optimized = subprocess.run(
+    recoded = subprocess.run(
         ["jpegtran", "-arithmetic", "-progressive", "-copy", "none", str(source)],
         capture_output=True,
         check=False,
     ).stdout
-    good = bool(optimized) and len(optimized) < len(original)
-    if good and decoded_digest(optimized) != decoded_digest(original):
+    good = bool(recoded) and len(recoded) < len(original)
+    if good and decoded_digest(recoded) != decoded_digest(original):
         good = False
-    target.write_bytes(optimized if good else original)
+    target.write_bytes(recoded if good else original)
 
 
 def tracked_bytes() -> int:
@@ -110,8 +110,8 @@ def pack(data: Path, split: Path = SHIPPED_SPLIT, out: Path = PACK) -> int:
         (photos / source.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(lambda s: shrink(s, photos / s.relative_to(data)), sources))
-    source = {"data": os.path.relpath(data, ROOT), "split": os.path.relpath(split, ROOT)}
-    (out / "source.json").write_text(json.dumps(source))
+    origin = {"data": os.path.relpath(data, ROOT), "split": os.path.relpath(split, ROOT)}
+    (out / "source.json").write_text(json.dumps(origin))
     build_site(out / SITE)
     sizes = {"tracked files": tracked_bytes(), "photos": folder_bytes(photos),
              "packages": (out / SITE).stat().st_size}  # fmt: skip
