@@ -594,9 +594,9 @@ def finalize(run_dir: Path, train_set: Dataset, cfg: dict, max_images: int = 128
     return run_dir / "final.keras"
 
 
-def validated(rows: list[dict]) -> list[float]:
-    """The validation top-1 of the logged epochs that had one."""
-    return [v for v in (float(r["val_accuracy"]) for r in rows) if not math.isnan(v)]
+def validated(rows: list[dict]) -> list[dict]:
+    """The logged epochs that had a validation score (not a run whose photos were elsewhere)."""
+    return [r for r in rows if not math.isnan(float(r["val_accuracy"]))]
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -630,8 +630,7 @@ def write_report(run_dir: Path, cfg: dict, dataset: Dataset, train_n: int, val: 
     model.run_eagerly = bool(cfg.get("run_eagerly"))
     metrics = score(model, val, cfg["image_size"]) if len(val.labels) else None
     rows = read_log(run_dir)
-    scored = [r for r in rows if not math.isnan(float(r["val_accuracy"]))]
-    best = max(scored, key=lambda r: float(r["val_accuracy"])) if scored else {}
+    best = max(validated(rows), key=lambda r: float(r["val_accuracy"]), default={})
     report = {
         "variant": cfg["variant"],
         "image_size": cfg["image_size"],
@@ -775,7 +774,8 @@ def train(args: argparse.Namespace) -> dict:
         compile_model(model, cfg, make_optimizer(cfg, len(batches)))
     started = time.perf_counter()
     fit_epochs(model, batches, validation, run_dir, cfg, initial_epoch,
-               best_so_far=max(validated(rows), default=-1.0),
+               best_so_far=max((float(r["val_accuracy"]) for r in validated(rows)),
+                               default=-1.0),
                budget=budget)  # fmt: skip
     log.info("training took %.0f s", time.perf_counter() - started)
     # The rest runs in each process on its own (the same work, and only process 0's files are
