@@ -1,5 +1,6 @@
 """Training under JAX, data parallel over two CPU devices (JAX_NUM_CPU_DEVICES=2): the loss
-falls, the run says it used both devices, and its weights export as usual (under TensorFlow)."""
+falls, the run says it used both devices, and its weights export as usual (under TensorFlow).
+Slow: two processes on localhost training one model (KERAS_DISTRIBUTION_*)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def test_a_jax_run_on_two_devices_learns_and_exports(photo_dir, tmp_path):
     assert load_model_card(out).labels == ["blue", "green", "red"]
 
 
+@pytest.mark.slow  # ~100 s of XLA compiles in both processes; the fast suite has the 2-device run
 def test_two_processes_train_one_model_in_lockstep(photo_dir, tmp_path):
     """Two processes on localhost (KERAS_DISTRIBUTION_*), one CPU device each, gradients
     exchanged through gloo: both write the same model, process 0 into the run directory."""
