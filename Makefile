@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# MOBILEVIT_HOST / MOBILEVIT_PORT in the environment apply to make serve as to python -m app.
-HOST ?= $(or $(MOBILEVIT_HOST),127.0.0.1)
-PORT ?= $(or $(MOBILEVIT_PORT),8000)
+# MOBILEVIT_HOST / MOBILEVIT_PORT in the environment apply to make serve as to python -m app;
+# `make serve HOST=... PORT=...` overrides them. `:=` so that a shell's own HOST is not read.
+HOST := $(or $(MOBILEVIT_HOST),127.0.0.1)
+PORT := $(or $(MOBILEVIT_PORT),8000)
 DATA ?= ../shared/datasets/flower_photos
 RUN ?= runs/flowers-xxs-128
 MODEL ?= models/flowers-mobilevit-xxs
