@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from contract.card import ArtifactError, load_model_card, read_card
 from contract.preprocess import DEFAULT_PREPROCESSING, preprocess_file
 from contract.runtime import SavedModelBackend, TFLiteBackend
+from tests.conftest import REPO
 from training.export import choose_default_tflite
 from training.export import main as export_main
 
@@ -120,3 +123,14 @@ def test_default_tflite_must_be_clearly_faster_alone_and_batched():
     speed = {f32: (100, 200), fp16: (150, 230), dyn: (120, 260)}
     assert choose_default_tflite(speed, f32) == dyn
     assert choose_default_tflite({f32: (100, 200)}, f32) == f32
+
+
+def test_evaluate_scores_a_run_in_a_process_of_its_own(tiny_run, photo_dir, tmp_path):
+    """`python -m training.evaluate RUN` as a user runs it: nothing has imported the model's
+    layers before it loads final.keras (in this test session they are, which once hid it)."""
+    command = [sys.executable, "-m", "training.evaluate", str(tiny_run), str(photo_dir),
+               "--split", "validation", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert json.loads((tmp_path / "evaluation.json").read_text())["num_images"] == len(split["val"])

@@ -46,7 +46,7 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
         except ArtifactError as exc:
             raise DataError(str(exc)) from None
         return backend.predict, card.labels, card.input.height, card.preprocessing
-    import keras
+    from training.model import load_keras  # Keras only for a .keras file
 
     model_file = source
     if source.is_dir():
@@ -54,7 +54,7 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
                            if (source / n).is_file()), source / "final.keras")  # fmt: skip
     if not model_file.is_file():
         raise DataError(f"{source} is not a run directory, a .keras file or a model directory")
-    model = keras.models.load_model(model_file)
+    model = load_keras(model_file)
     labels = None
     for meta in ("split.json", "report.json"):
         if source.is_dir() and (source / meta).is_file():

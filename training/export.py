@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
     from training.data import DataError, read_split_file, scan_folder
+    from training.model import load_keras
 
     quantizations = tuple(q for q in args.quantizations.split(",") if q)
     unknown = set(quantizations) - set(TFLITE_VARIANTS)
@@ -501,7 +502,7 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         raise ExportError(f"{args.out} already exists; pass --overwrite to replace it")
     model_file, run_dir = resolve_model(args.model)
     try:
-        model = keras.models.load_model(model_file)
+        model = load_keras(model_file)
     except Exception as exc:
         raise ExportError(f"{model_file} is not a loadable Keras model: {exc}") from None
     report = json.loads((run_dir / "report.json").read_text()) if run_dir else {}

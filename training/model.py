@@ -320,3 +320,10 @@ def padding_of(model: keras.Model) -> str:
     """The `padding` a model was built with (symmetric models have explicit padding layers)."""
     names = {layer.name for layer in model.layers}
     return "symmetric" if "stem_pad" in names else "same"
+
+
+def load_keras(path) -> keras.Model:
+    """A `.keras` file of this builder. Use this, not `keras.models.load_model`, in a module that
+    does not otherwise import this one: the file names layers (Unfold, Fold, ...) that Keras can
+    rebuild only once this module has registered them."""
+    return keras.models.load_model(path)
