@@ -70,8 +70,9 @@ def test_the_quickstart_curl_runs_as_printed(tmp_path):
     answer = json.loads(run.stdout)
     printed = json.loads(README.split(line, 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0])
     assert answer["predictions"][0]["label"] == printed["predictions"][0]["label"] == "roses"
-    # Scores agree to float32 rounding: XNNPACK's kernels differ by CPU (AVX2, AVX-512).
+    # Scores agree to 1e-4, not exactly: XNNPACK's kernels differ by CPU (AVX2, AVX-512), and the
+    # default dynamic-range file quantizes its activations at run time.
     got, shown = answer["predictions"][0]["top_k"], printed["predictions"][0]["top_k"]
     assert [t["label"] for t in got] == [t["label"] for t in shown]
-    assert [t["score"] for t in got] == pytest.approx([t["score"] for t in shown], abs=1e-6)
+    assert [t["score"] for t in got] == pytest.approx([t["score"] for t in shown], abs=1e-4)
     assert answer["model"] == printed["model"]
