@@ -11,6 +11,7 @@ of one fixed size for export.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 from keras import layers, ops
@@ -322,7 +323,7 @@ def padding_of(model: keras.Model) -> str:
     return "symmetric" if "stem_pad" in names else "same"
 
 
-def load_keras(path) -> keras.Model:
+def load_keras(path: str | Path) -> keras.Model:
     """A `.keras` file of this builder. Use this, not `keras.models.load_model`, in a module that
     does not otherwise import this one: the file names layers (Unfold, Fold, ...) that Keras can
     rebuild only once this module has registered them."""
