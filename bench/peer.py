@@ -22,7 +22,9 @@ from contract.runtime import TFLiteBackend
 
 MODEL_DIR = Path(os.environ.get("MOBILEVIT_MODEL_DIR", "models/flowers-mobilevit-xxs"))
 card = read_card(MODEL_DIR)
-backend = TFLiteBackend(MODEL_DIR / card.artifact("tflite").file, num_threads=os.cpu_count())
+# MOBILEVIT_ARTIFACT as the service reads it: another of the model's TFLite files.
+artifact = card.artifact("tflite", os.environ.get("MOBILEVIT_ARTIFACT") or None)
+backend = TFLiteBackend(MODEL_DIR / artifact.file, num_threads=os.cpu_count())
 lock = threading.Lock()
 app = FastAPI()
 

@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=2, help="the modes in order, then reversed, ...")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--modes", default="service,peer", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument("--artifact", help="the TFLite file every mode and the ceiling use (default: "
+                   "the model's default one)")  # fmt: skip
     p.add_argument(
         "--pause", type=int, action="append", default=[], metavar="PID",
         help="stop this process (a training run) while measuring (bench.quiet)",
@@ -349,7 +351,7 @@ def run(args: argparse.Namespace, machine: str) -> int:
         raise SystemExit("wrk not found: apt-get install wrk")
 
     card = load_model_card(args.model, verify=False)
-    artifact = card.artifact("tflite")
+    artifact = card.artifact("tflite", args.artifact)
     photos = photo_files(args.photos, 64)
     blobs = [f.read_bytes() for f in photos]
     size = card.input.height
@@ -366,7 +368,7 @@ def run(args: argparse.Namespace, machine: str) -> int:
           f"{'loop ms':>9}{'work ms':>9}{'wrk ms':>8}{'batch':>7}{'RSS MB':>8}")  # fmt: skip
     for mode in order:
         env = {**os.environ, **MODES[mode], "MOBILEVIT_MODEL_DIR": str(args.model.resolve()),
-               "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
+               "MOBILEVIT_ARTIFACT": artifact.file, "MOBILEVIT_QUEUE_LIMIT": "1024"}  # fmt: skip
         peer = mode == "peer"
         bodies = None
         if mode.startswith("v2-"):
