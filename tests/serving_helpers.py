@@ -22,11 +22,10 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
+from tests.conftest import COLOURS, REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("tflite", "savedmodel")
 LABELS = ("blue", "green", "red")
-SOLID = {"blue": (30, 60, 220), "green": (40, 190, 60), "red": (220, 40, 40)}
 ERROR_KEYS = {"error", "status", "code"}
 
 
@@ -117,7 +116,7 @@ def image_bytes(
     colour: tuple[int, int, int] | str = "red", size=(40, 30), fmt="JPEG", mode="RGB"
 ) -> bytes:
     if isinstance(colour, str):
-        colour = SOLID[colour]
+        colour = COLOURS[colour]
     image = Image.new("RGB", size, colour)
     if mode != "RGB":
         image = image.convert(mode)
@@ -130,7 +129,7 @@ def jpeg_with_scans(scans: int, size: tuple[int, int] = (64, 64), mpo: bool = Fa
     """A flat progressive JPEG whose last scan is repeated up to `scans` scans: each one a pass
     over the whole image for the decoder, a few bytes in the file (libjpeg-turbo's LJT-01-003).
     With `mpo`, the first of two frames of an MPO file (which Pillow opens as format "MPO")."""
-    image = Image.new("RGB", size, SOLID["red"])
+    image = Image.new("RGB", size, COLOURS["red"])
     buffer = io.BytesIO()
     if mpo:
         image.save(buffer, "MPO", save_all=True, append_images=[image], progressive=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 from PIL import Image, features
 
+from tests.conftest import COLOURS
 from tests.serving_helpers import (
-    SOLID,
     Served,
     assert_error,
     image_bytes,
@@ -42,7 +42,7 @@ def pil_bytes(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def red(size=(48, 40), mode="RGB") -> Image.Image:
-    image = Image.new("RGB", size, SOLID["red"])
+    image = Image.new("RGB", size, COLOURS["red"])
     return image if mode == "RGB" else image.convert(mode)
 
 
@@ -59,7 +59,7 @@ def sixteen_bit_png() -> bytes:
 
 
 def animated_gif() -> bytes:
-    frames = [red(), Image.new("RGB", (48, 40), SOLID["blue"]), red()]
+    frames = [red(), Image.new("RGB", (48, 40), COLOURS["blue"]), red()]
     return pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
 
 

@@ -36,9 +36,9 @@ from pydantic import SecretStr
 
 from app.main import create_app
 from contract.card import sha256_path
+from tests.conftest import COLOURS, REPO
 from tests.serving_helpers import (
     LABELS,
-    SOLID,
     Lifespan,
     Served,
     assert_error,
@@ -53,7 +53,6 @@ from tests.serving_helpers import (
 
 pytest_plugins = ["tests.serving_fixtures"]
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 32
 SECRET = "secret backend detail 7f3a"  # what a failing backend raises; must never reach a client
 
@@ -75,7 +74,7 @@ def colour_model_dir(tmp_path_factory) -> Path:
     # rows: input R, G, B; columns: blue, green, red. Each label favours its own channel.
     weights = 4 * np.array([[-1, -1, 2], [-1, 2, -1], [2, -1, -1]], np.float32)
     dense.set_weights([weights, np.zeros(len(LABELS), np.float32)])
-    images = np.stack([np.full((SIZE, SIZE, 3), SOLID[label], np.uint8) for label in LABELS])
+    images = np.stack([np.full((SIZE, SIZE, 3), COLOURS[label], np.uint8) for label in LABELS])
     out = tmp_path_factory.mktemp("reliability") / "colour-model"
     export_model(
         model,

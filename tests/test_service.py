@@ -34,6 +34,7 @@ from app.settings import DEFAULT_MODEL_DIR, Settings
 from contract.card import ArtifactError
 from contract.preprocess import preprocess_bytes as preprocess_file_bytes
 from contract.preprocess import preprocess_file
+from tests.conftest import REPO
 from tests.serving_helpers import (
     LABELS,
     Lifespan,
@@ -50,8 +51,6 @@ from tests.serving_helpers import (
 
 pytest_plugins = ["tests.serving_fixtures"]
 pytestmark = pytest.mark.anyio
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def jpeg_part(colour: str, name: str | None = None, size=(40, 30)):
