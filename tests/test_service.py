@@ -72,7 +72,7 @@ def test_settings_defaults_and_environment(monkeypatch):
     assert settings.model_dir == DEFAULT_MODEL_DIR == REPO / "models" / "flowers-mobilevit-xxs"
     assert (settings.model_format, settings.artifact) == ("tflite", None)
     assert (settings.max_batch_size, settings.max_batch_wait_ms, settings.queue_limit) == (
-        8,
+        4,
         0,
         256,
     )
@@ -166,7 +166,7 @@ async def test_model_info(served, tiny_model_dir):
     assert info["served"]["format"] == served.fmt and info["served"]["artifact"] == expected
     runtime = "ai-edge-litert" if served.fmt == "tflite" else "tensorflow"
     assert {"python", "numpy", runtime} <= set(info["runtime"])
-    assert info["batching"]["max_batch_size"] == 8
+    assert info["batching"]["max_batch_size"] == 4
     assert info["auth_required"] is False
 
 
