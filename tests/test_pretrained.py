@@ -1,6 +1,7 @@
 """The timm converter, proven against timm itself without torch: a randomised timm mobilevit_xxs
 (tests/fixtures, made by make_timm_golden.py with torch + timm) converts to a Keras model whose
-log-probabilities match timm's within 1e-4, with the same top-5, at 256 and 224 px; and every
+log-probabilities match timm's within 1e-4 plus 1e-5 of their size (float32 kernels differ by
+CPU, and a log-probability reaches -75 here), with the same top-5, at 256 and 224 px; and every
 kind of wrong file is a one-line error naming what was found."""
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def test_converted_model_equals_timm(tensors, size):
     images = GOLDEN[f"images_{size}"]
     expected = GOLDEN[f"log_probs_{size}"]
     got = np.log(model.predict(images.astype(np.float32), verbose=0).astype(np.float64))
-    assert np.abs(got - expected).max() <= 1e-4
+    # An Intel host differed by up to 1.7e-4 on log-probabilities of -46; a wrong mapping is off
+    # by whole units.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.argsort(-got, 1)[:, :5], np.argsort(-expected, 1)[:, :5])
     # The check means something only if the output depends on the input.
     assert len({tuple(row) for row in np.argsort(-expected, 1)[:, :5]}) == len(expected)
