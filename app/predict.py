@@ -154,7 +154,7 @@ class PredictEndpoint:
                 # The encoded bytes are no longer needed: a request waiting in the queue holds
                 # only its decoded pixels, which the queue limit bounds.
                 filenames = [upload.filename for upload in uploads]
-                del uploads
+                del uploads, decode
                 if alone is None:
                     rows = await classify(service, images)
         done = time.perf_counter()

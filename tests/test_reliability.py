@@ -12,6 +12,7 @@ the very app that was overloaded, timed out, failed and refused.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -387,6 +388,43 @@ async def test_uploads_in_flight_are_bounded_and_refused_with_503(harness):
     assert budget.used == 0
     assert (await h.client.post("/predict", content=big, headers=png)).status_code == 200
     assert budget.used == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ["/predict", "v2"])
+async def test_a_queued_request_keeps_its_pixels_not_its_upload(harness, route):
+    """The upload budget is given back once a request is decoded, so from then on it must hold
+    only pixels (which the queue limit bounds), not its encoded bytes."""
+    import gc
+
+    from app.decoding import Upload
+
+    h = harness
+    h.set(h.batcher, max_batch_size=1)
+    h.gate.open.clear()  # the first image stays in the backend, the rest queue behind it
+    colours = ["red", "green", "blue"]
+    model = h.app.state.service.card.name
+    if route == "v2":
+        files = [{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                              "data": [base64.b64encode(image_bytes(c)).decode()]}]}
+                 for c in colours]  # fmt: skip
+        send = [h.client.post(f"/v2/models/{model}/infer", json=body) for body in files]
+    else:
+        send = [post(h.client, c) for c in colours]
+    calls = [asyncio.create_task(call) for call in send]
+    async with asyncio.timeout(30):
+        while h.batcher.depth + h.gate.active < len(calls):
+            await asyncio.sleep(0.01)
+    assert h.batcher.depth >= 1
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Upload)] == []
+    h.gate.open.set()
+    async with asyncio.timeout(30):
+        responses = await asyncio.gather(*calls)
+    for colour, response in zip(colours, responses, strict=True):
+        assert response.status_code == 200, response.text[:300]
+        if route == "/predict":
+            assert_label(response, colour)
 
 
 # ---- 3. deadline -----------------------------------------------------------------------------
