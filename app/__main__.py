@@ -7,7 +7,8 @@ The shape (processes, inference workers, threads, decode threads) comes from `ap
 settings from `MOBILEVIT_*` variables (`app.settings`). With more than one process, their
 /metrics are summed through a directory of this instance's own (PROMETHEUS_MULTIPROC_DIR, a new
 temporary directory unless set), emptied at start and removed at exit, so two services on one
-host never share or add up each other's counts.
+host never share or add up each other's counts. A PROMETHEUS_MULTIPROC_DIR that is set is emptied
+at start with any number of processes, so a restart never adds up the runs before it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ def main() -> None:
     settings = Settings()
     topology = settings.topology()
     created = None
-    if topology.processes > 1:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            clear_directory(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
-        else:
-            created = tempfile.mkdtemp(prefix=f"mobilevit-metrics-{settings.port}-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one process too: it reads the files
+        clear_directory(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    elif topology.processes > 1:
+        created = tempfile.mkdtemp(prefix=f"mobilevit-metrics-{settings.port}-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
     try:
         uvicorn.run(
             "app.main:app",

@@ -113,7 +113,7 @@ def derive(
         decode_threads=decode_threads or per_process,
         # Only when threads are derived: INFERENCE_THREADS set means exactly that many.
         lone_request_threads=per_process
-        if workers > 1 and inference_threads is None and not batch_window
+        if per_process > 1 and workers > 1 and inference_threads is None and not batch_window
         else 0,
         cpus=cpus,
         reason=reason,

@@ -737,6 +737,24 @@ def test_a_dead_process_keeps_its_counts_but_not_its_live_gauges(tmp_path):
     assert (tmp_path / "new").is_dir()
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_python_m_app_empties_a_given_metrics_directory(tmp_path, monkeypatch, processes):
+    """With one process too: the app reads that directory, so a restart would add up the runs
+    before it."""
+    import uvicorn
+
+    from app.__main__ import main
+
+    stale = tmp_path / "counter_1.db"
+    stale.write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("MOBILEVIT_PROCESSES", processes)
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(kwargs["workers"]))
+    main()
+    assert started == [int(processes)] and not stale.exists()
+
+
 # ---- a lone request ----------------------------------------------------------------------------
 
 

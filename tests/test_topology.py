@@ -53,3 +53,9 @@ def test_explicit_settings_win_and_are_named():
     assert topology.decode_threads == 2 and topology.lone_request_threads == 0
     assert "set explicitly: inference_workers, inference_threads" in topology.reason
     assert Settings(processes=3).topology().processes == 3
+
+
+def test_no_lone_request_interpreter_on_one_cpu():
+    """Its point is a lone request on every core: with one, it would be one interpreter more."""
+    topology = derive(CpuBudget(1, 1, None, "test"), inference_workers=2)
+    assert (topology.inference_workers, topology.lone_request_threads) == (2, 0)
