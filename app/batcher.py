@@ -67,8 +67,10 @@ def _rows_for(outputs: np.ndarray, count: int) -> bool:
 
 
 class NotForAlone(Exception):
-    """Raised by a lone request's `prepare` before doing any work, to decline `run_alone` (its
-    images would take long to decode while the event loop waits): it goes the usual way."""
+    """Raised by a lone request's `prepare` to decline `run_alone` when one of its images would
+    take long to decode while the event loop waits. That image is judged by its header, before
+    its pixels are decoded; an image before it in the same request may already be decoded. The
+    request then goes the usual way."""
 
 
 class InferenceFailed(RuntimeError):

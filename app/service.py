@@ -31,7 +31,6 @@ class Service:
     topology: Topology
     card: ModelCard
     artifact: Artifact
-    artifact_path: Path
     backend: Backend
     runtime: dict[str, str]
     #: One backend per inference worker (TFLite interpreters are not thread-safe; a TensorFlow
@@ -146,7 +145,6 @@ def load_service(settings: Settings) -> Service:
         topology=topology,
         card=card,
         artifact=artifact,
-        artifact_path=path,
         backend=backend,
         runtime=runtime_versions(settings.model_format),
         replicas=replicas,

@@ -21,8 +21,9 @@ EXACT_BATCH_SIZES = 8
 
 
 class Backend(Protocol):
-    """What the service and the export checks call. `predict` is called from one thread at a
-    time per backend object."""
+    """What the service and the export checks call. A LiteRT backend's `predict` is called from
+    one thread at a time (an interpreter is not thread-safe); the service shares one SavedModel
+    backend between its inference workers, as TensorFlow runs concurrent calls on one model."""
 
     name: str
 
