@@ -94,7 +94,9 @@ class InferOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float]
+    # JSON `data`, or (binary_data_output) `parameters.binary_data_size` with the bytes after.
+    data: list[float] | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class InferResponse(BaseModel):
