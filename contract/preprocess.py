@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -91,11 +92,17 @@ def _looks_foreign(data: bytes) -> bool:
     )
 
 
+#: `warnings.catch_warnings` swaps the process-wide filter list on entry and puts back what it
+#: saw on exit, so two decode threads interleaving leave one's filters in place for good (seen:
+#: "ignore every warning"). Only the header is read under it, so holding it is brief.
+_WARNING_FILTERS = threading.Lock()
+
+
 def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Open from the header only and refuse before any pixel is decoded."""
     if not data:
         raise UndecodableImage("empty image data")
-    with warnings.catch_warnings():
+    with _WARNING_FILTERS, warnings.catch_warnings():
         # Pillow's own bomb check warns; make it an error we map to 413.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -103,13 +110,15 @@ def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
         except UnidentifiedImageError:
-            if _looks_foreign(data) or _identifies_as_other_format(data):
-                raise UnsupportedImageType(
-                    f"unsupported image type; accepted: {', '.join(ACCEPTED_FORMATS)}"
-                ) from None
-            raise UndecodableImage("cannot identify image data") from None
+            image = None
         except Exception as exc:
             raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
+    if image is None:
+        if _looks_foreign(data) or _identifies_as_other_format(data):
+            raise UnsupportedImageType(
+                f"unsupported image type; accepted: {', '.join(ACCEPTED_FORMATS)}"
+            )
+        raise UndecodableImage("cannot identify image data")
     width, height = image.size
     if width < 1 or height < 1:
         raise UndecodableImage("image has no pixels")
@@ -160,7 +169,7 @@ def _next_marker(data: bytes, at: int) -> int:
 
 def _identifies_as_other_format(data: bytes) -> bool:
     try:
-        with warnings.catch_warnings():
+        with _WARNING_FILTERS, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Image.open(io.BytesIO(data))
         return True

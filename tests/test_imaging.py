@@ -179,3 +179,34 @@ def test_mutated_images_decode_or_fail_cleanly(base, edits, cut):
     except ImageError:
         return
     assert out.shape == (16, 16, 3)
+
+
+def test_decoding_in_many_threads_leaves_the_warning_filters_as_they_were():
+    """The decode pool runs this in several threads; Pillow's bomb check is read through
+    `warnings.catch_warnings`, which swaps process-wide state and, interleaved, once left every
+    warning of the process ignored."""
+    import sys
+    import threading
+    import warnings
+
+    png, tiff = encode(Image.new("RGB", (8, 8)), "PNG"), encode(Image.new("RGB", (8, 8)), "TIFF")
+    before = list(warnings.filters)
+
+    def decode_both() -> None:
+        for _ in range(500):
+            preprocess_bytes(png, 4)
+            with pytest.raises(UnsupportedImageType):  # the foreign-format check: nested
+                preprocess_bytes(tiff, 4)
+
+    threads = [threading.Thread(target=decode_both) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads)
+    assert warnings.filters == before
