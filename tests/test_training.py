@@ -371,3 +371,24 @@ def test_a_time_budget_is_refused_for_several_processes(photo_dir, tmp_path, mon
     assert train.main(["--data", str(photo_dir), "--run-dir", str(tmp_path / "run"),
                        "--time-budget", "60"]) == 2  # fmt: skip
     assert "--time-budget is for one process" in capsys.readouterr().err
+
+
+def test_validation_photos_are_scored_on_the_pixels_the_service_makes(tmp_path):
+    """The photos kept for training are shrunk first (to twice the training size), which moves a
+    large photo's centre crop by a pixel; validation must use the served pixels instead."""
+    from PIL import Image
+
+    from contract.preprocess import preprocess_file
+    from training.data import eval_arrays, load_folder, served_arrays
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        noise = rng.integers(0, 256, (1503, 2011, 3), dtype=np.uint8)  # detail at every pixel
+        Image.fromarray(noise).save(tmp_path / label / "large.jpg", quality=95)
+    size = 64
+    dataset = load_folder(tmp_path, keep_side=2 * size)
+    served = served_arrays(dataset, size)
+    for row, path in zip(served, dataset.paths, strict=True):
+        np.testing.assert_array_equal(row, preprocess_file(tmp_path / path, size))
+    assert not np.array_equal(eval_arrays(dataset, size), served)  # what it used before

@@ -30,7 +30,6 @@ import keras
 import numpy as np
 
 from contract.card import ArtifactError, read_card
-from contract.preprocess import preprocess_file
 from training.data import (
     Augment,
     DataError,
@@ -43,6 +42,7 @@ from training.data import (
     read_split,
     read_split_file,
     recorded_split,
+    served_arrays,
     split_file_of,
     stratified_split,
     write_split,
@@ -609,13 +609,7 @@ def read_log(run_dir: Path) -> list[dict]:
 
 def predict_dataset(model: keras.Model, dataset: Dataset, image_size: int) -> np.ndarray:
     """Probabilities for a dataset under the serving transform (files decoded as served)."""
-    if Path(dataset.root).is_dir():
-        x = np.stack(
-            [preprocess_file(str(Path(dataset.root, p)), image_size) for p in dataset.paths]
-        )
-    else:
-        x = eval_arrays(dataset, image_size)
-    return predict_padded(model, x.astype(np.float32))
+    return predict_padded(model, served_arrays(dataset, image_size).astype(np.float32))
 
 
 def score(model: keras.Model, val: Dataset, image_size: int) -> dict:
@@ -751,7 +745,7 @@ def train(args: argparse.Namespace) -> dict:
     if cfg["multi_scale"] and len(batches) < 2:  # PhotoBatches: the first two must differ
         raise DataError("--multi-scale needs at least two batches an epoch; lower --batch-size")
     validation = (
-        (eval_arrays(val_set, cfg["image_size"]).astype(np.float32),
+        (served_arrays(val_set, cfg["image_size"]).astype(np.float32),
          keras.utils.to_categorical(val_set.labels, num_classes))
         if len(val_set.labels) else None
     )  # fmt: skip
