@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from contract.preprocess import PreprocessingSpec
 
@@ -41,11 +49,26 @@ class InputSpec(BaseModel):
     layout: Literal["NHWC"] = "NHWC"
     color: Literal["RGB"] = "RGB"
 
+    @field_validator("value_range")
+    @classmethod
+    def _pixels(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Every backend is fed 0..255 pixels; a model that wants another range rescales inside.
+        if tuple(value) != (0.0, 255.0):
+            raise ValueError(f"must be [0, 255] (pixels as they are), got {list(value)}")
+        return value
+
+
+def _inside_the_model_directory(file: str) -> str:
+    path = PurePosixPath(file)
+    if not file or path.is_absolute() or ".." in path.parts or "\\" in file:
+        raise ValueError(f"must be a relative path inside the model directory, got {file!r}")
+    return file
+
 
 class Artifact(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    file: str
+    file: Annotated[str, AfterValidator(_inside_the_model_directory)]
     format: ArtifactFormat
     quantization: str  # float32 | float16 | dynamic_range | int8
     bytes: int = Field(ge=0)
@@ -62,7 +85,7 @@ class SplitRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    file: str = SPLIT_FILE
+    file: Annotated[str, AfterValidator(_inside_the_model_directory)] = SPLIT_FILE
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     data: str
     train_images: int = Field(ge=0)
@@ -112,9 +135,12 @@ class ModelCard(BaseModel):
         files = [a.file for a in self.artifacts]
         if len(set(files)) != len(files):
             raise ValueError("artifact files must be unique")
+        formats = {a.file: a.format for a in self.artifacts}
         for fmt, file in self.default_artifacts.items():
-            if file not in files:
+            if file not in formats:
                 raise ValueError(f"default artifact {file!r} for {fmt} is not listed in artifacts")
+            if formats[file] != fmt:
+                raise ValueError(f"default artifact {file!r} for {fmt} is a {formats[file]} file")
         return self
 
     def artifact(self, fmt: ArtifactFormat, file: str | None = None) -> Artifact:

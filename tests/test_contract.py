@@ -90,6 +90,11 @@ def edited_copy(model_dir: Path, tmp_path: Path, edit) -> Path:
         (lambda c: c["preprocessing"].update(mean=[0.5, 0.5, 0.5]), "preprocessing.mean"),
         (lambda c: c["input"].update(color="BGR"), "input.color"),
         (lambda c: c.update(schema_version=1), "schema_version 1"),
+        (lambda c: c["input"].update(value_range=[0, 1]), "input.value_range"),
+        (lambda c: c["artifacts"][0].update(file="/etc/passwd"), "artifacts.0.file"),
+        (lambda c: c["artifacts"][0].update(file="../model.tflite"), "artifacts.0.file"),
+        (lambda c: c["default_artifacts"].update(tflite="saved_model"),
+         "default artifact 'saved_model' for tflite is a savedmodel file"),
     ],
 )  # fmt: skip
 async def test_startup_refuses_a_card_it_cannot_apply(tiny_model_dir, tmp_path, edit, needle):

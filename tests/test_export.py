@@ -134,3 +134,17 @@ def test_evaluate_scores_a_run_in_a_process_of_its_own(tiny_run, photo_dir, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     split = json.loads((tiny_run / "split.json").read_text())
     assert json.loads((tmp_path / "evaluation.json").read_text())["num_images"] == len(split["val"])
+
+
+def test_a_run_stopped_before_its_end_exports_its_best_epoch(tiny_run, photo_dir, tmp_path):
+    """best.keras is written each epoch that improves; report.json only with final.keras."""
+    run = tmp_path / "stopped"
+    shutil.copytree(tiny_run, run)
+    (run / "final.keras").unlink()
+    (run / "report.json").unlink()
+    out = tmp_path / "model"
+    assert export_main([str(run), "--out", str(out), "--quantizations", "float32",
+                        "--calibration-images", "8"]) == 0  # fmt: skip
+    card = read_card(out)
+    assert card.labels == ["blue", "green", "red"]
+    assert card.evaluated_on.photos == "validation_split"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,10 @@ def test_evaluate_command_on_a_labelled_folder(tiny_run, photo_dir, tmp_path, ca
     assert result["num_images"] == len(split["val"]) == 15
     report = json.loads((tiny_run / "report.json").read_text())
     assert result["top1"] == pytest.approx(report["validation"]["top1"], abs=1e-3)
+    # A .keras file of the run: its labels and split are those of the run it is in.
+    keras_file = [str(tiny_run / "final.keras"), str(photo_dir), "--out", str(out)]
+    assert main([*keras_file, "--split", "validation"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["top1"] == result["top1"]
 
 
 def test_resume_continues_where_the_run_stopped(photo_dir, tmp_path):
@@ -392,3 +397,29 @@ def test_validation_photos_are_scored_on_the_pixels_the_service_makes(tmp_path):
     for row, path in zip(served, dataset.paths, strict=True):
         np.testing.assert_array_equal(row, preprocess_file(tmp_path / path, size))
     assert not np.array_equal(eval_arrays(dataset, size), served)  # what it used before
+
+
+def test_weights_that_saw_the_validation_photos_of_another_split_are_refused(tmp_path):
+    """--init-from one run with --split of another: the scores would count photos the starting
+    weights were trained on."""
+    from training.data import DataError
+    from training.train import refuse_seen_validation
+
+    def run(name: str, train: list[str], val: list[str]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        split = {"class_names": ["a", "b"], "train": train, "val": val}
+        (folder / "split.json").write_text(json.dumps(split))
+        return folder
+
+    a = run("a", ["a/1.jpg", "b/1.jpg"], ["a/2.jpg", "b/2.jpg"])
+    b = run("b", ["a/2.jpg", "b/1.jpg"], ["a/1.jpg", "b/2.jpg"])  # another seed: a/1 moved
+    with pytest.raises(DataError, match=r"trained on 1 of the validation photos .* a/1\.jpg"):
+        refuse_seen_validation(a, b)
+    same = run("c", ["a/1.jpg", "b/1.jpg"], ["a/2.jpg", "b/2.jpg"])
+    refuse_seen_validation(a, same)  # the same split: nothing seen
+    refuse_seen_validation(a / "final.keras", same)  # a .keras file: its run's split
+    custom = tmp_path / "b-split.json"  # a split file by another name is read as it is
+    shutil.copy(b / "split.json", custom)
+    with pytest.raises(DataError, match="trained on 1 of the validation photos"):
+        refuse_seen_validation(a, custom)

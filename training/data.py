@@ -178,7 +178,8 @@ def read_split(path: str | os.PathLike, paths: Sequence[str]) -> tuple[np.ndarra
 
 def split_file_of(source: Path) -> Path:
     """The split a model was trained on: an exported model directory's recorded split.json
-    (hash-checked), a run directory's split.json, or that of the run a `.keras` file is in."""
+    (hash-checked), a run directory's split.json, that of the run a `.keras` file is in, or a
+    split file given as it is."""
     if (source / "model.json").is_file():
         try:
             card = read_card(source)
@@ -188,6 +189,8 @@ def split_file_of(source: Path) -> Path:
             return verify_split(source, card.split)
         except ArtifactError as exc:
             raise DataError(str(exc)) from None
+    if source.suffix == ".json" and source.is_file():  # a split file itself, by any name
+        return source
     split = source / "split.json" if source.is_dir() else source.parent / "split.json"
     if not split.is_file():
         raise DataError(f"{split} is missing, so the photos {source} was trained on are unknown")

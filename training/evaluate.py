@@ -56,9 +56,10 @@ def load_predictor(source: Path, fmt: str, artifact: str | None):
         raise DataError(f"{source} is not a run directory, a .keras file or a model directory")
     model = load_keras(model_file)
     labels = None
+    run_dir = source if source.is_dir() else source.parent  # a .keras file: the run it is in
     for meta in ("split.json", "report.json"):
-        if source.is_dir() and (source / meta).is_file():
-            labels = json.loads((source / meta).read_text()).get("class_names")
+        if (run_dir / meta).is_file():
+            labels = json.loads((run_dir / meta).read_text()).get("class_names")
             break
     if labels is None:
         raise DataError(f"cannot tell {model_file}'s class names: no split.json next to it")

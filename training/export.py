@@ -505,7 +505,9 @@ def run_export(args: argparse.Namespace) -> tuple[ModelCard, list[dict]]:
         model = load_keras(model_file)
     except Exception as exc:
         raise ExportError(f"{model_file} is not a loadable Keras model: {exc}") from None
-    report = json.loads((run_dir / "report.json").read_text()) if run_dir else {}
+    # A run stopped before its end has best.keras but no report.json (written with final.keras).
+    has_report = run_dir is not None and (run_dir / "report.json").is_file()
+    report = json.loads((run_dir / "report.json").read_text()) if has_report else {}
     variant = report.get("variant", model.name.removeprefix("mobilevit_"))
     split = None
     if run_dir and (run_dir / "split.json").is_file():

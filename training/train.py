@@ -599,6 +599,17 @@ def validated(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not math.isnan(float(r["val_accuracy"]))]
 
 
+def refuse_seen_validation(init_from: Path, split_source: Path) -> None:
+    """Weights from one run and the split of another: none of the validation photos may be
+    among those the weights were trained on, or the scores would count photos already seen."""
+    seen = set(read_split_file(split_file_of(init_from))["train"])
+    leaked = sorted(seen & set(read_split_file(split_file_of(split_source))["val"]))
+    if leaked:
+        raise DataError(f"{init_from} was trained on {len(leaked)} of the validation photos of "
+                        f"{split_source} (e.g. {leaked[0]}); start from weights that never saw "
+                        "them, or drop --split")  # fmt: skip
+
+
 def read_log(run_dir: Path) -> list[dict]:
     path = run_dir / "log.csv"
     if not path.exists():
@@ -703,6 +714,9 @@ def train(args: argparse.Namespace) -> dict:
         if source_classes != dataset.class_names:
             raise DataError(f"{source} was trained on classes {source_classes}, not these "
                             f"photos' {dataset.class_names}")  # fmt: skip
+        init = cfg.get("init_from")
+        if args.split and init and not is_pretrained(init):
+            refuse_seen_validation(Path(init), source)
         train_idx, val_idx = recorded_split(source, dataset.paths)
         if not len(train_idx):
             raise DataError(f"{cfg['data']} holds none of the training photos of {source}")
