@@ -423,3 +423,32 @@ def test_weights_that_saw_the_validation_photos_of_another_split_are_refused(tmp
     shutil.copy(b / "split.json", custom)
     with pytest.raises(DataError, match="trained on 1 of the validation photos"):
         refuse_seen_validation(a, custom)
+
+
+def test_a_mixed_precision_run_resumes_with_its_loss_scale():
+    """Under mixed_float16 compile wraps the optimizer in a LossScaleOptimizer (more variables
+    than a bare AdamW): resuming and --time-budget's re-plan must carry its state over."""
+    import keras
+
+    from training.train import compile_model, make_optimizer, new_model, replan_optimizer
+
+    cfg = {"variant": "xxs", "transformer_dropout": 0.0, "padding": "symmetric", "epochs": 4,
+           "warmup_epochs": 1, "lr": 1e-3, "weight_decay": 0.05, "ema": True,
+           "ema_momentum": 0.99, "label_smoothing": 0.1, "jit_compile": False}  # fmt: skip
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = new_model(cfg, 3, 64)
+        compile_model(model, cfg, make_optimizer(cfg, 2))
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(7)  # as if it had trained 7 steps
+        model.optimizer.dynamic_scale.assign(1024.0)
+        saved = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+        replan_optimizer(model, {**cfg, "epochs": 6}, 2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert int(model.optimizer.iterations) == 7 and float(model.optimizer.dynamic_scale) == 1024
+    carried = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    assert len(carried) == len(saved)
+    for new, old in zip(carried, saved, strict=True):
+        np.testing.assert_array_equal(new, old)

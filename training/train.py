@@ -451,16 +451,17 @@ def replan_optimizer(model: keras.Model, cfg: dict, steps_per_epoch: int) -> Non
     """Give a resumed model an optimizer with the schedule for `cfg["epochs"]`, carrying over
     every variable of the saved one (step count, moments, EMA), so the warm-up + cosine curve
     continues where it stopped. Keras refuses to set a schedule on a built optimizer, so a new
-    one is built and its variables assigned."""
+    one is built and its variables assigned. It is compiled first: under mixed_float16 compile
+    wraps it in a LossScaleOptimizer, whose loss scale is carried over too."""
     saved = model.optimizer
-    optimizer = make_optimizer(cfg, steps_per_epoch)
+    compile_model(model, cfg, make_optimizer(cfg, steps_per_epoch))
+    optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     if len(optimizer.variables) != len(saved.variables):
         raise DataError(f"cannot resume: the saved optimizer has {len(saved.variables)} "
                         f"variables, a new one {len(optimizer.variables)}")  # fmt: skip
     for new, old in zip(optimizer.variables, saved.variables, strict=True):
         new.assign(old)
-    compile_model(model, cfg, optimizer)
 
 
 def save_whole(model, path: Path) -> None:
