@@ -333,8 +333,8 @@ def eval_arrays(dataset: Dataset, size: int) -> np.ndarray:
 def served_arrays(dataset: Dataset, size: int) -> np.ndarray:
     """uint8 [N, size, size, 3] as the service makes them: each file read and decoded by
     `contract.preprocess.preprocess_file`. The copies kept in memory are shrunk first, which
-    moves a large photo's crop by a pixel (a mean |difference| of 12.7 on a 12-megapixel JPEG at
-    160 px). A tfds dataset has no files: its images, decoded whole, go through the resize rule."""
+    can move a large photo's crop by a pixel. A tfds dataset has no files: its images, decoded
+    whole, go through the resize rule."""
     if not Path(dataset.root).is_dir():
         return eval_arrays(dataset, size)
     return np.stack([preprocess_file(Path(dataset.root, path), size) for path in dataset.paths])
