@@ -148,3 +148,21 @@ def test_a_run_stopped_before_its_end_exports_its_best_epoch(tiny_run, photo_dir
     card = read_card(out)
     assert card.labels == ["blue", "green", "red"]
     assert card.evaluated_on.photos == "validation_split"
+
+
+def test_a_top1_measured_at_export_moves_the_reports_figures_aside():
+    from training.export import measured_at_export
+
+    table = {"top1": 0.9, "per_class": {"a": {"recall": 0.8}}}
+    report = {"validation_top1": 0.9, "validation": table}
+    assert measured_at_export(report, 0.9) == report  # the same figure: nothing moves
+    assert measured_at_export(report, 0.900023) == {  # the report's, rounded: the table stays
+        "validation_top1": 0.900023,
+        "validation_top1_in_training_report": 0.9,
+        "validation": table,
+    }
+    assert measured_at_export(report, 0.85) == {
+        "validation_top1": 0.85,  # at the export size: the per-class table was not
+        "validation_top1_in_training_report": 0.9,
+        "validation_in_training_report": table,
+    }
