@@ -216,10 +216,9 @@ def export_model(
             row["img_per_s_1_thread"] = {"batch_1": batch_1, "batch_8": batch_8}
         keras_row = rows[0]
         metrics = dict(metrics or {})
-        if split is not None:
-            metrics = measured_at_export(metrics, keras_row.get("top1"))
         split_record = None
         if split is not None:
+            metrics = measured_at_export(metrics, keras_row.get("top1"))
             (tmp / SPLIT_FILE).write_text(json.dumps(split, indent=1) + "\n")
             split_record = SplitRecord(
                 sha256=sha256_path(tmp / SPLIT_FILE),
